@@ -1,0 +1,67 @@
+"""CPU serving fix for the rotary embedding.
+
+Targets sglang 0.5.23: `sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__`.
+
+Upstream decides at import time whether the process is a CPU engine (`_is_cpu`, true only
+with SGLANG_USE_CPU_ENGINE=1, which also demands a CPU build of sgl-kernel that PyPI does not
+ship). With the flag false on a CUDA-less host, `__init__` imports `vllm._custom_ops` as a
+"fallback kernel" and model loading fails. We wrap `__init__` so that, only when the model
+runner of this process was configured for the CPU device, the flag reads true while the
+rotary module is built: forward then takes the pure-torch path. GPU runs are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+TARGET = "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__"
+RUNNER_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.__init__"
+SGLANG_VERSION = "0.5.23"
+
+# Set by the ModelRunner hook; the rotary hook reads it. One process builds one model runner
+# (plus possibly draft runners on the same device), so a process-wide flag is sufficient.
+_serving_on_cpu = False
+
+
+def device_is_cpu(server_args) -> bool:
+    device = getattr(server_args, "device", None)
+    if device is None:
+        import torch
+
+        # SGLang's own auto-detection picks CPU when no accelerator is present.
+        return not torch.cuda.is_available()
+    return str(device).split(":", 1)[0] == "cpu"
+
+
+def before_model_runner_init(*args, **kwargs):
+    global _serving_on_cpu
+    server_args = kwargs.get("server_args")
+    if server_args is None and len(args) > 5:
+        server_args = args[5]  # (self, model_config, mem_fraction_static, gpu_id, nccl_port, server_args)
+    if server_args is not None:
+        _serving_on_cpu = device_is_cpu(server_args)
+    return None
+
+
+@contextlib.contextmanager
+def _cpu_flag():
+    from sglang.srt.layers.rotary_embedding import base
+
+    saved = base._is_cpu
+    base._is_cpu = True
+    try:
+        yield
+    finally:
+        base._is_cpu = saved
+
+
+def around_rotary_init(original, *args, **kwargs):
+    if not _serving_on_cpu:
+        return original(*args, **kwargs)
+    with _cpu_flag():
+        return original(*args, **kwargs)
+
+
+def register(registry, hook_type) -> None:
+    registry.register(RUNNER_TARGET, before_model_runner_init, hook_type.BEFORE)
+    registry.register(TARGET, around_rotary_init, hook_type.AROUND)

@@ -1,0 +1,5 @@
+import sys
+
+from sglang_evict.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""`sglang-evict serve`: SGLang's HTTP server with this plugin, the default model and CPU settings.
+
+Every SGLang argument passes through unchanged. What this adds:
+- no --model-path: the embedded default model (materialised once, see default_model.py);
+- no CUDA: the CPU settings SGLang needs (torch_native attention, pytorch sampling, CUDA graphs
+  off, float32, a bounded KV pool), each only where the user did not set it;
+- start-up checks that turn the common mistakes (a missing model path, a folder that is not a
+  model, a port in use) into one clear error line and exit code 2 before SGLang is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+# Fits long-context tests on a 24 GiB machine; SGLang's own CPU default sizes the pool from
+# free RAM (about 14 GiB of KV for the default model), which also makes start-up take ~25 s.
+CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
+
+CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
+    ("--device", "cpu"),
+    ("--attention-backend", "torch_native"),
+    ("--sampling-backend", "pytorch"),
+    ("--disable-cuda-graph", None),
+    # SGLang's dtype "auto" turns a float32 checkpoint into float16, which CPUs compute slowly
+    # and which breaks token-for-token agreement with transformers.
+    ("--dtype", "float32"),
+)
+
+
+class StartupError(RuntimeError):
+    """A problem with the request to start a server, reported as one line."""
+
+
+def has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag:
+            if i + 1 >= len(argv):
+                raise StartupError(f"{flag} needs a value")
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def with_cpu_defaults(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for flag, value in CPU_DEFAULTS:
+        if not has_flag(out, flag):
+            out += [flag] if value is None else [flag, value]
+    if not (has_flag(out, "--max-total-tokens") or has_flag(out, "--mem-fraction-static")):
+        out += ["--max-total-tokens", str(CPU_DEFAULT_MAX_TOTAL_TOKENS)]
+    return out
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    # "org/name" with no filesystem-looking prefix: leave it to SGLang (and the user's hub access).
+    return (
+        path.count("/") == 1
+        and not path.startswith((".", "/", "~"))
+        and not Path(path).exists()
+    )
+
+
+def check_model_path(path: str) -> None:
+    if _looks_like_hub_id(path):
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise StartupError(f"model path {path} does not exist")
+    if not p.is_dir():
+        raise StartupError(f"model path {path} is a file, not a model folder")
+    config = p / "config.json"
+    if not config.is_file():
+        raise StartupError(f"model path {path} is not a model folder (no config.json)")
+    try:
+        info = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StartupError(f"model path {path}: config.json is not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not (info.get("architectures") or info.get("model_type")):
+        raise StartupError(
+            f"model path {path} is not a model folder (config.json names no architecture)"
+        )
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")) and not any(p.glob("*.pt")):
+        raise StartupError(f"model path {path} has a config.json but no weight files")
+
+
+def check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            reason = "is already in use" if e.errno in (98, 48) else f"cannot be bound ({e.strerror})"
+            raise StartupError(f"port {port} on {host} {reason}") from None
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Fill in the defaults and run the start-up checks; return SGLang's argv."""
+    out = list(argv)
+    if not has_flag(out, "--model-path"):
+        from sglang_evict import default_model
+
+        out = ["--model-path", str(default_model.resolve())] + out
+    check_model_path(flag_value(out, "--model-path"))
+    if not cuda_available():
+        out = with_cpu_defaults(out)
+    host = flag_value(out, "--host") or "127.0.0.1"
+    if not has_flag(out, "--host"):
+        out += ["--host", host]
+    port_text = flag_value(out, "--port") or "30000"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise StartupError(f"--port must be an integer, got {port_text!r}") from None
+    if not 0 < port < 65536:
+        raise StartupError(f"--port must be between 1 and 65535, got {port}")
+    check_port(host, port)
+    return out
+
+
+def run_sglang(argv: list[str]) -> None:
+    """Run SGLang's HTTP server in this process (what `python -m sglang.launch_server` does)."""
+    from sglang.launch_server import run_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    load_plugins()
+    server_args = prepare_server_args(argv)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+def main(argv: list[str]) -> int:
+    from sglang_evict.default_model import DefaultModelError
+
+    try:
+        sglang_argv = prepare_argv(argv)
+    except (StartupError, DefaultModelError) as e:
+        print(f"sglang-evict: error: {e}", file=sys.stderr)
+        return 2
+    run_sglang(sglang_argv)
+    return 0

@@ -1,0 +1,34 @@
+"""Shared fixtures. Server fixtures start real SGLang servers on 127.0.0.1 (free port) with the
+default model and stop them by pid in teardown; they are session-scoped because one start costs
+about 100 s on 2 cores."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    from sglang_evict import default_model
+
+    return default_model.resolve()
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def server(default_model_path):
+    from sglang_evict.server_process import ServerProcess
+
+    with ServerProcess(["--enable-cache-report"]) as srv:
+        yield srv

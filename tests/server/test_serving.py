@@ -1,0 +1,109 @@
+"""The plugin-enabled server on CPU with the default model: greedy agreement with HF
+transformers, prefix caching, the OpenAI API and the sglang frontend language."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+
+from hf_reference import cut_at_eos, greedy_ids
+
+pytestmark = pytest.mark.server
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Translate to French: 'The weather is nice today.'\nFrench:",
+    "List three facts about the Moon:\n1.",
+]
+MAX_NEW_TOKENS = 24
+
+
+def generate_ids(server, input_ids, max_new_tokens=MAX_NEW_TOKENS):
+    r = requests.post(
+        server.url + "/generate",
+        json={
+            "input_ids": input_ids,
+            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
+        },
+        timeout=300,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_transformers(server, hf_model, prompt):
+    model, tokenizer = hf_model
+    input_ids = tokenizer(prompt)["input_ids"]
+    served = cut_at_eos(generate_ids(server, input_ids)["output_ids"], tokenizer)
+    reference = greedy_ids(model, tokenizer, input_ids, MAX_NEW_TOKENS)
+    assert len(reference) > 0
+    assert served == reference, (
+        f"server: {tokenizer.decode(served)!r}\nHF:     {tokenizer.decode(reference)!r}"
+    )
+
+
+def test_repeated_prefix_reports_cached_tokens(server, hf_model):
+    _, tokenizer = hf_model
+    # A nonce keeps earlier tests' cache entries from matching this prefix.
+    prefix = f"Document {uuid.uuid4().hex}. " + "The quick brown fox jumps over the lazy dog. " * 20
+    prefix_len = len(tokenizer(prefix)["input_ids"])
+    first = generate_ids(server, tokenizer(prefix + "Question one:")["input_ids"], 4)
+    second = generate_ids(server, tokenizer(prefix + "Question two:")["input_ids"], 4)
+    assert first["meta_info"]["cached_tokens"] < 8
+    # The whole shared prefix (up to the last token or two, whose tokenisation may merge
+    # with the suffix) comes from the radix cache.
+    assert second["meta_info"]["cached_tokens"] >= prefix_len - 2
+
+
+def test_openai_chat_completion_and_follow_up(server, hf_model):
+    from openai import OpenAI
+
+    model, tokenizer = hf_model
+    client = OpenAI(base_url=server.url + "/v1", api_key="test")
+    messages = [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": f"Say hello to {uuid.uuid4().hex[:6]} in one sentence."},
+    ]
+    reply = client.chat.completions.create(
+        model="default", messages=messages, temperature=0, max_tokens=MAX_NEW_TOKENS
+    )
+    template_ids = list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+    reference = greedy_ids(model, tokenizer, template_ids, MAX_NEW_TOKENS)
+    assert reply.choices[0].message.content == tokenizer.decode(reference, skip_special_tokens=True)
+    assert reply.usage.prompt_tokens == len(template_ids)
+
+    messages += [
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "Now say goodbye."},
+    ]
+    follow_up = client.chat.completions.create(
+        model="default", messages=messages, temperature=0, max_tokens=8
+    )
+    assert follow_up.choices[0].message.content
+    # The first turn's prompt is a prefix of the follow-up's and sits in the radix cache.
+    assert follow_up.usage.prompt_tokens_details.cached_tokens >= len(template_ids) - 2
+
+
+def test_sgl_function_program(server, hf_model):
+    from sglang_evict.demo import frontend_program
+
+    model, tokenizer = hf_model
+    first = frontend_program(server.url)
+    second = frontend_program(server.url)
+    assert first["setting"] in ("indoors", "outdoors")
+    assert first["sight"] and first["sight"] == second["sight"]
+    # Running the same program again hits the radix cache for its whole prompt.
+    assert second["cached_tokens"] >= second["prompt_tokens"] - 1
+    # The generated text is the model's greedy continuation of the program's prompt.
+    prompt_ids = tokenizer(first["prompt_text"], add_special_tokens=False)["input_ids"]
+    reference = greedy_ids(model, tokenizer, prompt_ids, 40)
+    assert first["sight"] == tokenizer.decode(reference, skip_special_tokens=True).strip()

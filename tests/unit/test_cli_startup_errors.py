@@ -1,0 +1,64 @@
+"""Bad start-up input gives one clear error line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "sglang_evict", "serve", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sglang-evict: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_missing_model_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = run_serve("--model-path", str(missing))
+    assert_one_error_line(result, f"model path {missing} does not exist")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    result = run_serve("--model-path", str(tmp_path))
+    assert_one_error_line(result, "is not a model folder (no config.json)")
+
+
+def test_config_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    result = run_serve("--model-path", str(tmp_path))
+    assert_one_error_line(result, "has a config.json but no weight files")
+
+
+def test_corrupt_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    result = run_serve("--model-path", str(tmp_path))
+    assert_one_error_line(result, "config.json is not valid JSON")
+
+
+def test_port_in_use(default_model_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_serve("--model-path", str(default_model_path), "--port", str(port))
+    assert_one_error_line(result, f"port {port} on 127.0.0.1 is already in use")
+
+
+@pytest.mark.parametrize("bad", ["abc", "70000"])
+def test_bad_port_value(default_model_path, bad):
+    result = run_serve("--model-path", str(default_model_path), "--port", bad)
+    assert_one_error_line(result, "--port must be")

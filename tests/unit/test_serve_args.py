@@ -1,0 +1,39 @@
+"""How `sglang-evict serve` completes SGLang's arguments."""
+
+from __future__ import annotations
+
+from sglang_evict import serve
+
+
+def test_cpu_defaults_fill_only_what_is_missing():
+    out = serve.with_cpu_defaults(["--model-path", "m", "--dtype", "bfloat16", "--device=cpu"])
+    assert serve.flag_value(out, "--dtype") == "bfloat16"
+    assert out.count("--device=cpu") == 1 and "--device" not in out
+    assert serve.flag_value(out, "--attention-backend") == "torch_native"
+    assert serve.flag_value(out, "--sampling-backend") == "pytorch"
+    assert "--disable-cuda-graph" in out
+    assert serve.flag_value(out, "--max-total-tokens") == str(serve.CPU_DEFAULT_MAX_TOTAL_TOKENS)
+
+
+def test_user_memory_settings_win():
+    out = serve.with_cpu_defaults(["--mem-fraction-static", "0.3"])
+    assert not serve.has_flag(out, "--max-total-tokens")
+    out = serve.with_cpu_defaults(["--max-total-tokens", "1000"])
+    assert serve.flag_value(out, "--max-total-tokens") == "1000"
+
+
+def test_default_model_is_filled_in(default_model_path, monkeypatch):
+    monkeypatch.setattr(serve, "cuda_available", lambda: False)
+    monkeypatch.setattr(serve, "check_port", lambda host, port: None)
+    out = serve.prepare_argv(["--port", "31000"])
+    assert serve.flag_value(out, "--model-path") == str(default_model_path)
+    assert serve.flag_value(out, "--host") == "127.0.0.1"
+    assert serve.flag_value(out, "--device") == "cpu"
+
+
+def test_gpu_host_gets_no_cpu_settings(default_model_path, monkeypatch):
+    monkeypatch.setattr(serve, "cuda_available", lambda: True)
+    monkeypatch.setattr(serve, "check_port", lambda host, port: None)
+    out = serve.prepare_argv(["--model-path", str(default_model_path)])
+    for flag, _ in serve.CPU_DEFAULTS:
+        assert not serve.has_flag(out, flag)

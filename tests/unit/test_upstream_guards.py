@@ -1,0 +1,71 @@
+"""Every SGLang function this project wraps is checked here, so an SGLang upgrade that moves or
+changes one fails loudly instead of silently disabling a patch."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import entry_points, version
+
+from sglang_evict.patches import cpu_rotary
+
+
+def resolve(dotted: str):
+    obj, attrs, parts = None, [], dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            attrs = parts[i:]
+            break
+        except ModuleNotFoundError:
+            continue
+    for a in attrs:
+        obj = getattr(obj, a)
+    return obj
+
+
+def test_pinned_sglang_version():
+    assert version("sglang") == cpu_rotary.SGLANG_VERSION == "0.5.23"
+
+
+def test_rotary_target_still_has_the_cpu_flag_and_fallback_import():
+    init = resolve(cpu_rotary.TARGET)
+    source = inspect.getsource(init)
+    assert "_is_cpu" in source
+    assert "vllm._custom_ops" in source
+    from sglang.srt.layers.rotary_embedding import base
+
+    assert isinstance(base._is_cpu, bool)
+
+
+def test_model_runner_init_signature():
+    params = list(inspect.signature(resolve(cpu_rotary.RUNNER_TARGET)).parameters)
+    assert params[:6] == [
+        "self", "model_config", "mem_fraction_static", "gpu_id", "nccl_port", "server_args",
+    ]
+
+
+def test_plugin_entry_point_registers_hooks():
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "sglang_evict"]
+    assert len(eps) == 1
+    register = eps[0].load()
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    register()
+    hooked = HookRegistry._hooks
+    assert any(h[1] is cpu_rotary.around_rotary_init for h in hooked[cpu_rotary.TARGET])
+    assert any(h[1] is cpu_rotary.before_model_runner_init for h in hooked[cpu_rotary.RUNNER_TARGET])
+
+
+def test_cpu_flag_is_set_only_while_building_on_cpu():
+    from sglang.srt.layers.rotary_embedding import base
+
+    seen = []
+    original = lambda: seen.append(base._is_cpu)  # noqa: E731
+    before = base._is_cpu
+    cpu_rotary.before_model_runner_init(server_args=type("A", (), {"device": "cuda"})())
+    cpu_rotary.around_rotary_init(original)
+    cpu_rotary.before_model_runner_init(server_args=type("A", (), {"device": "cpu"})())
+    cpu_rotary.around_rotary_init(original)
+    assert seen == [before, True]
+    assert base._is_cpu == before
