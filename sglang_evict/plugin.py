@@ -20,8 +20,9 @@ def register() -> None:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from sglang_evict.patches import cpu_rotary
+    from sglang_evict.patches import cpu_rotary, gate_attach
 
     cpu_rotary.register(HookRegistry, HookType)
+    gate_attach.register(HookRegistry, HookType)
     _registered = True
     logger.info("sglang-evict plugin registered")

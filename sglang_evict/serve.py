@@ -16,6 +16,8 @@ import socket
 import sys
 from pathlib import Path
 
+from sglang_evict.config import ENV_VAR, EvictConfig, EvictConfigError, split_argv
+
 # Fits long-context tests on a 24 GiB machine; SGLang's own CPU default sizes the pool from
 # free RAM (about 14 GiB of KV for the default model), which also makes start-up take ~25 s.
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
@@ -108,14 +110,34 @@ def check_port(host: str, port: int) -> None:
             raise StartupError(f"port {port} on {host} {reason}") from None
 
 
-def prepare_argv(argv: list[str]) -> list[str]:
-    """Fill in the defaults and run the start-up checks; return SGLang's argv."""
-    out = list(argv)
+def check_gates(config: EvictConfig, model_path: str) -> None:
+    """Load the gate checkpoint against the model's config.json now, so a checkpoint for
+    another model (layer count, KV heads, hidden size) is refused before SGLang starts."""
+    from sglang_evict.gate_checkpoint import GateCheckpointError, load_gates_for_model
+
+    config_json = Path(model_path).expanduser() / "config.json"
+    if not config_json.is_file():
+        return  # a hub id: the scheduler checks the gates once the config is downloaded
+    try:
+        load_gates_for_model(config.gates, json.loads(config_json.read_text()))
+    except (GateCheckpointError, ValueError) as e:
+        raise StartupError(str(e)) from None
+
+
+def prepare_argv(argv: list[str]) -> tuple[EvictConfig, list[str]]:
+    """Fill in the defaults and run the start-up checks; return the plugin's settings and
+    SGLang's argv."""
+    try:
+        config, out = split_argv(argv)
+    except EvictConfigError as e:
+        raise StartupError(str(e)) from None
     if not has_flag(out, "--model-path"):
         from sglang_evict import default_model
 
         out = ["--model-path", str(default_model.resolve())] + out
     check_model_path(flag_value(out, "--model-path"))
+    if config.active:
+        check_gates(config, flag_value(out, "--model-path"))
     if not cuda_available():
         out = with_cpu_defaults(out)
     host = flag_value(out, "--host") or "127.0.0.1"
@@ -129,11 +151,13 @@ def prepare_argv(argv: list[str]) -> list[str]:
     if not 0 < port < 65536:
         raise StartupError(f"--port must be between 1 and 65535, got {port}")
     check_port(host, port)
-    return out
+    return config, out
 
 
-def run_sglang(argv: list[str]) -> None:
-    """Run SGLang's HTTP server in this process (what `python -m sglang.launch_server` does)."""
+def run_sglang(config: EvictConfig, argv: list[str]) -> None:
+    """Run SGLang's HTTP server in this process (what `python -m sglang.launch_server` does).
+    The plugin's settings travel to SGLang's spawned processes in the environment."""
+    os.environ[ENV_VAR] = config.to_env()
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args
@@ -151,9 +175,9 @@ def main(argv: list[str]) -> int:
     from sglang_evict.default_model import DefaultModelError
 
     try:
-        sglang_argv = prepare_argv(argv)
+        config, sglang_argv = prepare_argv(argv)
     except (StartupError, DefaultModelError) as e:
         print(f"sglang-evict: error: {e}", file=sys.stderr)
         return 2
-    run_sglang(sglang_argv)
+    run_sglang(config, sglang_argv)
     return 0

@@ -32,3 +32,18 @@ def server(default_model_path):
 
     with ServerProcess(["--enable-cache-report"]) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def test_gates_path(default_model_path, tmp_path_factory):
+    from gate_fixtures import write_test_gates
+
+    return write_test_gates(default_model_path, tmp_path_factory.mktemp("gates") / "gates.safetensors")
+
+
+@pytest.fixture(scope="session")
+def gated_server(test_gates_path):
+    from sglang_evict.server_process import ServerProcess
+
+    with ServerProcess(["--evict-gates", str(test_gates_path), "--enable-cache-report"]) as srv:
+        yield srv

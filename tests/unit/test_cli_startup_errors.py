@@ -62,3 +62,34 @@ def test_port_in_use(default_model_path):
 def test_bad_port_value(default_model_path, bad):
     result = run_serve("--model-path", str(default_model_path), "--port", bad)
     assert_one_error_line(result, "--port must be")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_layers": 24}, "was made for 24 layers, the served model has 30"),
+        ({"num_kv_heads": 4}, "was made for 4 KV heads, the served model has 3"),
+        ({"hidden_size": 960}, "was made for hidden size 960, the served model has 576"),
+    ],
+)
+def test_gates_for_another_model_are_refused(default_model_path, tmp_path, overrides, message):
+    from gate_fixtures import write_test_gates
+
+    bad = write_test_gates(default_model_path, tmp_path / "other.safetensors", **overrides)
+    result = run_serve("--model-path", str(default_model_path), "--evict-gates", str(bad))
+    assert_one_error_line(result, message)
+    assert str(bad) in result.stderr
+
+
+def test_corrupt_gate_file_is_refused(default_model_path, tmp_path):
+    bad = tmp_path / "gates.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    result = run_serve("--model-path", str(default_model_path), "--evict-gates", str(bad))
+    assert_one_error_line(result, str(bad))
+
+
+def test_missing_gate_file_and_unknown_option(default_model_path, tmp_path):
+    result = run_serve("--evict-gates", str(tmp_path / "none.safetensors"))
+    assert_one_error_line(result, "does not exist")
+    result = run_serve("--evict-budgett", "5")
+    assert_one_error_line(result, "unknown option --evict-budgett")

@@ -25,7 +25,7 @@ def test_user_memory_settings_win():
 def test_default_model_is_filled_in(default_model_path, monkeypatch):
     monkeypatch.setattr(serve, "cuda_available", lambda: False)
     monkeypatch.setattr(serve, "check_port", lambda host, port: None)
-    out = serve.prepare_argv(["--port", "31000"])
+    _, out = serve.prepare_argv(["--port", "31000"])
     assert serve.flag_value(out, "--model-path") == str(default_model_path)
     assert serve.flag_value(out, "--host") == "127.0.0.1"
     assert serve.flag_value(out, "--device") == "cpu"
@@ -34,6 +34,6 @@ def test_default_model_is_filled_in(default_model_path, monkeypatch):
 def test_gpu_host_gets_no_cpu_settings(default_model_path, monkeypatch):
     monkeypatch.setattr(serve, "cuda_available", lambda: True)
     monkeypatch.setattr(serve, "check_port", lambda host, port: None)
-    out = serve.prepare_argv(["--model-path", str(default_model_path)])
+    _, out = serve.prepare_argv(["--model-path", str(default_model_path)])
     for flag, _ in serve.CPU_DEFAULTS:
         assert not serve.has_flag(out, flag)

@@ -7,6 +7,8 @@ import importlib
 import inspect
 from importlib.metadata import entry_points, version
 
+import pytest
+
 from sglang_evict.patches import cpu_rotary
 
 
@@ -69,3 +71,46 @@ def test_cpu_flag_is_set_only_while_building_on_cpu():
     cpu_rotary.around_rotary_init(original)
     assert seen == [before, True]
     assert base._is_cpu == before
+
+
+def _params(dotted: str) -> list[str]:
+    return list(inspect.signature(resolve(dotted)).parameters)
+
+
+def test_gate_attach_targets():
+    from sglang_evict.patches import gate_attach as g
+
+    assert g.SGLANG_VERSION == version("sglang")
+    assert _params(g.LOAD_MODEL) == ["self"]
+    assert _params(g.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
+    assert _params(g.CELL_SIZE) == ["self", "kvc", "num_layers"]
+    assert _params(g.STORE_KV) == ["self", "layer_idx", "loc", "cache_k", "cache_v"]
+    assert _params(g.RELEASE_KV)[:2] == ["req", "tree_cache"]
+    assert _params(g.STREAMER_CLASS) == ["self"]
+    # The output streamer's documented extension point for per-request meta_info fields.
+    from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+
+    assert SchedulerOutputStreamer.has_additional_customized_info is False
+    assert _params(
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+        ".build_additional_customized_info"
+    ) == ["self", "reqs"]
+    # What the statistics hook reads off a finished request.
+    from sglang.srt.managers.schedule_batch import Req
+
+    source = inspect.getsource(Req)
+    assert "kv_committed_len" in source and "req_pool_idx" in source
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [
+        "sglang.srt.models.llama.LlamaAttention",
+        "sglang.srt.models.qwen2.Qwen2Attention",
+        "sglang.srt.models.qwen3.Qwen3Attention",
+    ],
+)
+def test_attention_modules_take_positions_hidden_states_forward_batch(attention):
+    from sglang_evict.patches.gate_attach import ATTENTION_ARGS
+
+    assert tuple(_params(attention + ".forward")[1:4]) == ATTENTION_ARGS

@@ -1,0 +1,101 @@
+"""Retention gates inside the real server: log beta computed during the forward pass and
+stored beside the KV equals an HF-transformers computation of the same gates; attaching gates
+(eviction off) leaves greedy outputs unchanged; cached prefixes keep their pinned scores."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+import torch
+
+from gate_fixtures import hf_log_beta
+from hf_reference import cut_at_eos
+
+pytestmark = pytest.mark.server
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "List three facts about the Moon:\n1.",
+]
+
+
+def generate(server, input_ids, max_new_tokens=12):
+    r = requests.post(
+        server.url + "/generate",
+        json={
+            "input_ids": input_ids,
+            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
+        },
+        timeout=300,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def evict_stats(response) -> dict:
+    entries = response["meta_info"]["sglang_evict"]
+    assert len(entries) == 1
+    return entries[0]
+
+
+@pytest.fixture(scope="module")
+def gates(test_gates_path):
+    from sglang_evict.gate_checkpoint import load_gates
+
+    return load_gates(test_gates_path)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_stored_log_beta_equals_hf_reference(gated_server, hf_model, gates, prompt):
+    model, tokenizer = hf_model
+    prompt_ids = tokenizer(f"[{uuid.uuid4().hex[:8]}] {prompt}")["input_ids"]
+    out = generate(gated_server, prompt_ids)
+    stats = evict_stats(out)
+    # KV (and so a score) exists for the prompt and every generated token but the last.
+    tokens = (prompt_ids + out["output_ids"])[: stats["scored_tokens"]]
+    assert stats["scored_tokens"] == len(prompt_ids) + len(out["output_ids"]) - 1
+
+    reference = hf_log_beta(model, gates, tokens)  # [L, T, H]
+    served = torch.tensor(stats["mean_log_beta_per_layer_head"], dtype=torch.float64)
+    expected = reference.double().mean(dim=1)
+    assert served.shape == (gates.config.num_layers, gates.config.num_kv_heads)
+    # The gates are input dependent: a constant or misplaced score would not match.
+    assert reference.std() > 0.05
+    torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(stats["mean_log_beta_per_layer"], dtype=torch.float64),
+        expected.mean(dim=1), rtol=1e-4, atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_gates_attached_keep_greedy_output(server, gated_server, hf_model, prompt):
+    _, tokenizer = hf_model
+    ids = tokenizer(prompt)["input_ids"]
+    vanilla = cut_at_eos(generate(server, ids, 24)["output_ids"], tokenizer)
+    gated = cut_at_eos(generate(gated_server, ids, 24)["output_ids"], tokenizer)
+    assert gated == vanilla
+
+
+def test_prefix_hit_reuses_pinned_scores(gated_server, hf_model):
+    _, tokenizer = hf_model
+    ids = tokenizer(f"Note {uuid.uuid4().hex}: " + "a b c d e f g. " * 12)["input_ids"]
+    first = generate(gated_server, ids, 4)
+    second = generate(gated_server, ids, 4)
+    assert second["meta_info"]["cached_tokens"] >= len(ids) - 1
+    # Cached tokens were not recomputed: their scores come from the store as written the first
+    # time, so both requests report the same statistics.
+    torch.testing.assert_close(
+        torch.tensor(evict_stats(second)["mean_log_beta_per_layer_head"]),
+        torch.tensor(evict_stats(first)["mean_log_beta_per_layer_head"]),
+        rtol=1e-6, atol=1e-6,
+    )
+
+
+def test_vanilla_server_reports_no_gate_stats(server, hf_model):
+    _, tokenizer = hf_model
+    out = generate(server, tokenizer("Hello")["input_ids"], 2)
+    assert "sglang_evict" not in out["meta_info"]
