@@ -3,9 +3,12 @@
 Every SGLang argument passes through unchanged. What this adds:
 - no --model-path: the embedded default model (materialised once, see default_model.py);
 - no CUDA: the CPU settings SGLang needs (torch_native attention, pytorch sampling, CUDA graphs
-  off, float32, a bounded KV pool), each only where the user did not set it;
+  off, float32, sleep when idle, a bounded KV pool), each only where the user did not set it;
+- the plugin's own options (`--evict-gates PATH`, `--evict-kernel {auto,triton,torch}`), taken
+  out of SGLang's argv and passed to its processes (see config.py);
 - start-up checks that turn the common mistakes (a missing model path, a folder that is not a
-  model, a port in use) into one clear error line and exit code 2 before SGLang is imported.
+  model, a port in use, gates made for another model, a corrupt gate file) into one clear error
+  line and exit code 2 before SGLang is imported.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     # SGLang's dtype "auto" turns a float32 checkpoint into float16, which CPUs compute slowly
     # and which breaks token-for-token agreement with transformers.
     ("--dtype", "float32"),
+    # An idle scheduler otherwise busy-polls a whole core; on a CPU host that core is the one
+    # the model (or a second server) needs.
+    ("--sleep-on-idle", None),
 )
 
 

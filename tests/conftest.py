@@ -47,3 +47,16 @@ def gated_server(test_gates_path):
 
     with ServerProcess(["--evict-gates", str(test_gates_path), "--enable-cache-report"]) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def gated_triton_server(test_gates_path):
+    """Gates stored by the Triton kernel (run by Triton's interpreter on CPU)."""
+    import os
+
+    from sglang_evict.server_process import ServerProcess
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    args = ["--evict-gates", str(test_gates_path), "--evict-kernel", "triton"]
+    with ServerProcess(args, env=env) as srv:
+        yield srv

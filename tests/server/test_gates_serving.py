@@ -99,3 +99,16 @@ def test_vanilla_server_reports_no_gate_stats(server, hf_model):
     _, tokenizer = hf_model
     out = generate(server, tokenizer("Hello")["input_ids"], 2)
     assert "sglang_evict" not in out["meta_info"]
+
+
+def test_triton_store_kernel_in_the_server_matches_torch_path(gated_server, gated_triton_server, hf_model):
+    _, tokenizer = hf_model
+    ids = tokenizer(f"[{uuid.uuid4().hex[:8]}] The tallest mountain on Earth is")["input_ids"]
+    torch_path = generate(gated_server, ids, 6)
+    triton_path = generate(gated_triton_server, ids, 6)
+    assert triton_path["output_ids"] == torch_path["output_ids"]
+    torch.testing.assert_close(
+        torch.tensor(evict_stats(triton_path)["mean_log_beta_per_layer_head"]),
+        torch.tensor(evict_stats(torch_path)["mean_log_beta_per_layer_head"]),
+        rtol=1e-6, atol=1e-6,
+    )
