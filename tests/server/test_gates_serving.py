@@ -7,11 +7,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import requests
 import torch
 
 from gate_fixtures import hf_log_beta
 from hf_reference import cut_at_eos
+from serving_client import generate
 
 pytestmark = pytest.mark.server
 
@@ -20,19 +20,6 @@ PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",
     "List three facts about the Moon:\n1.",
 ]
-
-
-def generate(server, input_ids, max_new_tokens=12):
-    r = requests.post(
-        server.url + "/generate",
-        json={
-            "input_ids": input_ids,
-            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
-        },
-        timeout=300,
-    )
-    r.raise_for_status()
-    return r.json()
 
 
 def evict_stats(response) -> dict:
@@ -52,7 +39,7 @@ def gates(test_gates_path):
 def test_stored_log_beta_equals_hf_reference(gated_server, hf_model, gates, prompt):
     model, tokenizer = hf_model
     prompt_ids = tokenizer(f"[{uuid.uuid4().hex[:8]}] {prompt}")["input_ids"]
-    out = generate(gated_server, prompt_ids)
+    out = generate(gated_server, prompt_ids, 12)
     stats = evict_stats(out)
     # KV (and so a score) exists for the prompt and every generated token but the last.
     tokens = (prompt_ids + out["output_ids"])[: stats["scored_tokens"]]

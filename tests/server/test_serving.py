@@ -6,9 +6,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import requests
 
 from hf_reference import cut_at_eos, greedy_ids
+from serving_client import generate
 
 pytestmark = pytest.mark.server
 
@@ -22,24 +22,11 @@ PROMPTS = [
 MAX_NEW_TOKENS = 24
 
 
-def generate_ids(server, input_ids, max_new_tokens=MAX_NEW_TOKENS):
-    r = requests.post(
-        server.url + "/generate",
-        json={
-            "input_ids": input_ids,
-            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
-        },
-        timeout=300,
-    )
-    r.raise_for_status()
-    return r.json()
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_equals_transformers(server, hf_model, prompt):
     model, tokenizer = hf_model
     input_ids = tokenizer(prompt)["input_ids"]
-    served = cut_at_eos(generate_ids(server, input_ids)["output_ids"], tokenizer)
+    served = cut_at_eos(generate(server, input_ids, MAX_NEW_TOKENS)["output_ids"], tokenizer)
     reference = greedy_ids(model, tokenizer, input_ids, MAX_NEW_TOKENS)
     assert len(reference) > 0
     assert served == reference, (
@@ -52,8 +39,8 @@ def test_repeated_prefix_reports_cached_tokens(server, hf_model):
     # A nonce keeps earlier tests' cache entries from matching this prefix.
     prefix = f"Document {uuid.uuid4().hex}. " + "The quick brown fox jumps over the lazy dog. " * 20
     prefix_len = len(tokenizer(prefix)["input_ids"])
-    first = generate_ids(server, tokenizer(prefix + "Question one:")["input_ids"], 4)
-    second = generate_ids(server, tokenizer(prefix + "Question two:")["input_ids"], 4)
+    first = generate(server, tokenizer(prefix + "Question one:")["input_ids"], 4)
+    second = generate(server, tokenizer(prefix + "Question two:")["input_ids"], 4)
     assert first["meta_info"]["cached_tokens"] < 8
     # The whole shared prefix (up to the last token or two, whose tokenisation may merge
     # with the suffix) comes from the radix cache.

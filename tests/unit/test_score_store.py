@@ -82,3 +82,24 @@ def test_models_the_gates_cannot_attach_to_fail_by_name():
         decoder_layers(Mamba())
     with pytest.raises(GateAttachError, match=r"_OddAttention.forward takes \['hidden_states', 'positions'\]"):
         decoder_layers(_model(_OddAttention))
+
+
+def test_finished_request_stats_are_bounded(monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_evict.config import EvictConfig
+    from sglang_evict.patches import gate_attach
+
+    state = gate_attach.GateAttachment(EvictConfig(), gates=None, num_layers=1, num_kv_heads=1)
+    state.store = ScoreStore(4, 1, 1, 1, "cpu")
+    monkeypatch.setattr(gate_attach, "_attachment", state)
+    monkeypatch.setattr(gate_attach, "MAX_PENDING_STATS", 3)
+    rows = SimpleNamespace(req_to_token=torch.tensor([[0, 1, 2, 3]]))
+    tree_cache = SimpleNamespace(req_to_token_pool=rows)
+    for i in range(5):
+        kv = SimpleNamespace(req_pool_idx=0, kv_committed_len=2)
+        req = SimpleNamespace(rid=f"r{i}", finished=lambda: True, kv=kv)
+        gate_attach.before_release_kv_cache(req, tree_cache)
+    # Requests that were never streamed (aborted) cannot pile up: only the newest stay.
+    assert list(state.finished_stats) == ["r2", "r3", "r4"]
+    assert state.finished_stats["r4"]["scored_tokens"] == 2
