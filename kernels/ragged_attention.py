@@ -1,0 +1,360 @@
+"""Attention over live head-slot lists (FlashInfer-compatible ragged layout), decode and extend.
+
+Layout (one layer):
+    k_slots, v_slots  [capacity, head_dim]   float32 / float16 / bfloat16 (same dtype); one row is
+                                            one token's K (or V) for one KV head
+    slot_pos          int64 [capacity]       the token position stored in each head-slot
+    indptr            int32/int64 [R*H_kv+1] sequence s = r*H_kv + h is (request r, kv head h)
+    indices           int32/int64 [nnz]      its live head-slots are indices[indptr[s]:indptr[s+1]],
+                                            in any order (positions decide causality, never order)
+Query heads: H_q = H_kv * group; query head j reads kv head j // group (GQA).
+
+    ragged_decode_attention(q [R, H_q, D], k_slots, v_slots, indptr, indices, sm_scale)
+        -> o [R, H_q, D]: each request's single query attends to every live slot of its
+           (request, kv head). H_kv = (len(indptr) - 1) / R.
+    ragged_extend_attention(q [T, H_q, D], q_pos [T], q_req [T], k_slots, v_slots, slot_pos,
+                            indptr, indices, sm_scale, *, num_kv_heads=None)
+        -> o [T, H_q, D]: query token t attends to the live slots of (q_req[t], kv head) whose
+           slot_pos <= q_pos[t]. num_kv_heads=None infers R = max(q_req) + 1 (a host sync; the
+           last request must own a query token) and H_kv = (len(indptr) - 1) / R; pass it to avoid
+           both.
+A query with no live (visible) key gets o = 0. o has q's dtype; accumulation is float32 and the
+softmax subtracts the running max. Each Triton function has a pure-torch `*_reference` with the
+same signature (ground truth, loops over sequences). Wrappers raise ValueError naming the bad
+argument. On CPU tensors out-of-range indices / q_req are rejected; on a GPU the kernel masks them
+(they contribute nothing) instead of syncing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "ragged_decode_attention",
+    "ragged_decode_attention_reference",
+    "ragged_extend_attention",
+    "ragged_extend_attention_reference",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_BLOCK_N = 32
+
+
+# ----------------------------------------------------------------------------- validation
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, found {type(t).__name__}")
+
+
+def _validate_common(q, k_slots, v_slots, indptr, indices, sm_scale, num_rows_name):
+    for name, t in dict(q=q, k_slots=k_slots, v_slots=v_slots, indptr=indptr, indices=indices).items():
+        _tensor(name, t)
+    if q.dim() != 3:
+        raise ValueError(f"q: expected shape [{num_rows_name}, H_q, D], found {tuple(q.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q: expected dtype in {_FLOAT_DTYPES}, found {q.dtype}")
+    D = q.shape[2]
+    if k_slots.dim() != 2 or k_slots.shape[1] != D:
+        raise ValueError(f"k_slots: expected shape [capacity, {D}], found {tuple(k_slots.shape)}")
+    if k_slots.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"k_slots: expected dtype in {_FLOAT_DTYPES}, found {k_slots.dtype}")
+    if tuple(v_slots.shape) != tuple(k_slots.shape):
+        raise ValueError(
+            f"v_slots: expected shape {tuple(k_slots.shape)} (as k_slots), found {tuple(v_slots.shape)}"
+        )
+    if v_slots.dtype != k_slots.dtype:
+        raise ValueError(f"v_slots: expected dtype {k_slots.dtype} (as k_slots), found {v_slots.dtype}")
+    for name, t in (("indptr", indptr), ("indices", indices)):
+        if t.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor, found shape {tuple(t.shape)}")
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name}: expected dtype in {_INDEX_DTYPES}, found {t.dtype}")
+    if indptr.numel() < 1:
+        raise ValueError("indptr: expected length R*H_kv + 1 >= 1, found 0")
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale: expected a finite float, found {sm_scale!r}")
+
+
+def _check_devices(**tensors):
+    device = tensors["q"].device
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (as q), found {t.device}")
+
+
+def _check_heads(q, indptr, num_req, num_kv_heads_name="indptr"):
+    """Return H_kv from len(indptr) = num_req * H_kv + 1 and check H_q % H_kv == 0."""
+    H_q = q.shape[1]
+    nseq = indptr.numel() - 1
+    if num_req == 0:
+        if nseq != 0:
+            raise ValueError(f"indptr: expected length 1 for 0 requests, found {indptr.numel()}")
+        return max(H_q, 1)
+    if nseq % num_req or nseq == 0:
+        raise ValueError(
+            f"{num_kv_heads_name}: expected len(indptr) = R*H_kv + 1 with R={num_req}, "
+            f"found len(indptr)={indptr.numel()}"
+        )
+    H_kv = nseq // num_req
+    if H_q % H_kv:
+        raise ValueError(
+            f"{num_kv_heads_name}: H_kv={H_kv} (from len(indptr)={indptr.numel()}, R={num_req}) "
+            f"must divide H_q={H_q}"
+        )
+    return H_kv
+
+
+def _check_ranges(indptr, indices, capacity):
+    """Host-side checks (syncs): indptr monotone from 0 to len(indices), indices in [0, capacity)."""
+    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel():
+        raise ValueError(
+            f"indptr: expected indptr[0] == 0 and indptr[-1] == len(indices) = {indices.numel()}, "
+            f"found {int(indptr[0])} and {int(indptr[-1])}"
+        )
+    if indptr.numel() > 1 and bool((indptr[1:] < indptr[:-1]).any()):
+        raise ValueError("indptr: expected a non-decreasing sequence")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= capacity):
+        raise ValueError(
+            f"indices: head-slots must lie in [0, capacity={capacity}), "
+            f"found range [{int(indices.min())}, {int(indices.max())}]"
+        )
+
+
+def _validate_decode(q, k_slots, v_slots, indptr, indices, sm_scale):
+    _validate_common(q, k_slots, v_slots, indptr, indices, sm_scale, "R")
+    _check_devices(q=q, k_slots=k_slots, v_slots=v_slots, indptr=indptr, indices=indices)
+    return _check_heads(q, indptr, q.shape[0])
+
+
+def _validate_extend(q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale, num_kv_heads):
+    _validate_common(q, k_slots, v_slots, indptr, indices, sm_scale, "T")
+    for name, t in dict(q_pos=q_pos, q_req=q_req, slot_pos=slot_pos).items():
+        _tensor(name, t)
+    T = q.shape[0]
+    for name, t in (("q_pos", q_pos), ("q_req", q_req)):
+        if tuple(t.shape) != (T,):
+            raise ValueError(f"{name}: expected shape ({T},), found {tuple(t.shape)}")
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name}: expected dtype in {_INDEX_DTYPES}, found {t.dtype}")
+    if tuple(slot_pos.shape) != (k_slots.shape[0],):
+        raise ValueError(f"slot_pos: expected shape ({k_slots.shape[0]},), found {tuple(slot_pos.shape)}")
+    if slot_pos.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"slot_pos: expected dtype in {_INDEX_DTYPES}, found {slot_pos.dtype}")
+    _check_devices(q=q, q_pos=q_pos, q_req=q_req, k_slots=k_slots, v_slots=v_slots,
+                   slot_pos=slot_pos, indptr=indptr, indices=indices)
+    nseq = indptr.numel() - 1
+    H_q = q.shape[1]
+    if num_kv_heads is None:
+        if T == 0:
+            return max(H_q, 1), (nseq // max(H_q, 1))
+        num_req = int(q_req.max()) + 1
+        H_kv = _check_heads(q, indptr, num_req)
+    else:
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
+            raise ValueError(f"num_kv_heads: expected a positive int, found {num_kv_heads!r}")
+        H_kv = num_kv_heads
+        if H_q % H_kv:
+            raise ValueError(f"num_kv_heads: {H_kv} must divide H_q={H_q}")
+        if nseq % H_kv:
+            raise ValueError(
+                f"indptr: expected length R*{H_kv} + 1, found {indptr.numel()}"
+            )
+        num_req = nseq // H_kv
+    return H_kv, num_req
+
+
+def _check_q_req(q_req, num_req):
+    if q_req.numel() and (int(q_req.min()) < 0 or int(q_req.max()) >= num_req):
+        raise ValueError(
+            f"q_req: requests must lie in [0, R={num_req}), "
+            f"found range [{int(q_req.min())}, {int(q_req.max())}]"
+        )
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+@triton.jit
+def _ragged_attn_kernel(
+    q, k_slots, v_slots, o,
+    indptr, indices, q_pos, q_req, slot_pos,
+    capacity, num_req, head_dim, sm_scale,
+    s_q_t, s_q_h, s_q_d,
+    s_k_n, s_k_d,
+    s_v_n, s_v_d,
+    s_o_t, s_o_h, s_o_d,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, IS_EXTEND: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Grid: (query rows, query heads). A row is a request (decode) or a query token (extend).
+    row = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1).to(tl.int64)
+    kvh = hq // GROUP
+
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_ok = d < head_dim  # head_dim need not be a power of two
+    qv = tl.load(q + row * s_q_t + hq * s_q_h + d * s_q_d, mask=d_ok, other=0.0).to(tl.float32)
+
+    if IS_EXTEND:
+        req = tl.load(q_req + row).to(tl.int64)
+        qp = tl.load(q_pos + row).to(tl.int64)
+        req_ok = (req >= 0) & (req < num_req)
+        req = tl.where(req_ok, req, 0)
+    else:
+        req = row
+        req_ok = row >= 0  # always true
+    seq = req * H_KV + kvh
+    start = tl.load(indptr + seq).to(tl.int64)
+    end = tl.load(indptr + seq + 1).to(tl.int64)
+    end = tl.where(req_ok, end, start)  # bad request id: attend to nothing
+
+    m_i = tl.full((), float("-inf"), tl.float32)
+    l_i = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    n_off = tl.arange(0, BLOCK_N).to(tl.int64)
+    for n0 in range(start, end, BLOCK_N):
+        idx = n0 + n_off
+        ok = idx < end
+        slot = tl.load(indices + idx, mask=ok, other=0).to(tl.int64)
+        ok = ok & (slot >= 0) & (slot < capacity)  # never read outside the pool
+        slot = tl.where(ok, slot, 0)
+        if IS_EXTEND:
+            sp = tl.load(slot_pos + slot, mask=ok, other=0).to(tl.int64)
+            ok = ok & (sp <= qp)
+        m2 = ok[:, None] & d_ok[None, :]
+        kt = tl.load(k_slots + slot[:, None] * s_k_n + d[None, :] * s_k_d, mask=m2, other=0.0).to(tl.float32)
+        s = tl.sum(kt * qv[None, :], axis=1) * sm_scale
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        # All keys so far masked -> m_new = -inf; subtract 0 instead so exp gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe)
+        alpha = tl.exp(m_i - m_safe)
+        vt = tl.load(v_slots + slot[:, None] * s_v_n + d[None, :] * s_v_d, mask=m2, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+
+    out = tl.where(l_i > 0, acc / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    tl.store(o + row * s_o_t + hq * s_o_h + d * s_o_d, out.to(o.dtype.element_ty), mask=d_ok)
+
+
+def _launch(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale, is_extend):
+    rows, H_q, D = q.shape
+    if rows == 0 or H_q == 0 or D == 0:
+        return
+    indptr = indptr.contiguous()
+    indices = indices.contiguous()
+    if indices.numel() == 0:  # a valid pointer for the (never executed) loads
+        indices = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if k_slots.shape[0] == 0:
+        o.zero_()
+        return
+    if is_extend:
+        q_pos, q_req, slot_pos = q_pos.contiguous(), q_req.contiguous(), slot_pos.contiguous()
+    else:
+        q_pos = q_req = slot_pos = indptr  # unused
+    _ragged_attn_kernel[(rows, H_q)](
+        q, k_slots, v_slots, o,
+        indptr, indices, q_pos, q_req, slot_pos,
+        k_slots.shape[0], num_req, D, float(sm_scale),
+        *q.stride(), *k_slots.stride(), *v_slots.stride(), *o.stride(),
+        H_KV=H_kv, GROUP=H_q // H_kv, IS_EXTEND=is_extend,
+        BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(D),
+    )
+
+
+def ragged_decode_attention(q, k_slots, v_slots, indptr, indices, sm_scale: float) -> torch.Tensor:
+    """Decode attention over live head-slot lists (Triton). See the module docstring."""
+    H_kv = _validate_decode(q, k_slots, v_slots, indptr, indices, sm_scale)
+    if q.device.type == "cpu":
+        _check_ranges(indptr, indices, k_slots.shape[0])
+    o = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    _launch(q, k_slots, v_slots, o, indptr, indices, None, None, None, q.shape[0], H_kv, sm_scale, False)
+    return o
+
+
+def ragged_extend_attention(
+    q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale: float,
+    *, num_kv_heads: int | None = None,
+) -> torch.Tensor:
+    """Extend (prefill) attention over live head-slot lists, causal by stored position (Triton)."""
+    H_kv, num_req = _validate_extend(
+        q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale, num_kv_heads
+    )
+    if q.device.type == "cpu":
+        _check_ranges(indptr, indices, k_slots.shape[0])
+        _check_q_req(q_req, num_req)
+    o = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    _launch(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale, True)
+    return o
+
+
+# ----------------------------------------------------------------------------- torch references
+def _attend(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, sm_scale) -> torch.Tensor:
+    """qs [G, D] f32, k/v [N, D] f32, visible [G, N] bool -> [G, D] f32; all-masked rows -> 0."""
+    if k.shape[0] == 0:
+        return torch.zeros_like(qs)
+    s = (qs @ k.T) * sm_scale
+    s = s.masked_fill(~visible, -math.inf)
+    m = s.max(dim=1, keepdim=True).values
+    m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    l = p.sum(dim=1, keepdim=True)
+    out = (p @ v) / torch.where(l > 0, l, torch.ones_like(l))
+    return torch.where(l > 0, out, torch.zeros_like(out))
+
+
+def ragged_decode_attention_reference(q, k_slots, v_slots, indptr, indices, sm_scale: float) -> torch.Tensor:
+    """Pure-torch ground truth of `ragged_decode_attention` (same signature and contract)."""
+    H_kv = _validate_decode(q, k_slots, v_slots, indptr, indices, sm_scale)
+    _check_ranges(indptr, indices, k_slots.shape[0])
+    R, H_q, D = q.shape
+    o = torch.zeros(R, H_q, D, dtype=torch.float32, device=q.device)
+    if R == 0 or H_q == 0:
+        return o.to(q.dtype)
+    G = H_q // H_kv
+    ptr = indptr.tolist()
+    for r in range(R):
+        for h in range(H_kv):
+            s = r * H_kv + h
+            sl = indices[ptr[s]:ptr[s + 1]].long()
+            k = k_slots[sl].float()
+            v = v_slots[sl].float()
+            qs = q[r, h * G:(h + 1) * G].float()
+            vis = torch.ones(G, sl.numel(), dtype=torch.bool, device=q.device)
+            o[r, h * G:(h + 1) * G] = _attend(qs, k, v, vis, sm_scale)
+    return o.to(q.dtype)
+
+
+def ragged_extend_attention_reference(
+    q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale: float,
+    *, num_kv_heads: int | None = None,
+) -> torch.Tensor:
+    """Pure-torch ground truth of `ragged_extend_attention` (same signature and contract)."""
+    H_kv, num_req = _validate_extend(
+        q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale, num_kv_heads
+    )
+    _check_ranges(indptr, indices, k_slots.shape[0])
+    _check_q_req(q_req, num_req)
+    T, H_q, D = q.shape
+    o = torch.zeros(T, H_q, D, dtype=torch.float32, device=q.device)
+    if T == 0 or H_q == 0:
+        return o.to(q.dtype)
+    G = H_q // H_kv
+    ptr = indptr.tolist()
+    reqs = q_req.tolist()
+    for t in range(T):
+        r = reqs[t]
+        for h in range(H_kv):
+            s = r * H_kv + h
+            sl = indices[ptr[s]:ptr[s + 1]].long()
+            k = k_slots[sl].float()
+            v = v_slots[sl].float()
+            vis = (slot_pos[sl].long() <= q_pos[t].long()).unsqueeze(0).expand(G, -1)
+            qs = q[t, h * G:(h + 1) * G].float()
+            o[t, h * G:(h + 1) * G] = _attend(qs, k, v, vis, sm_scale)
+    return o.to(q.dtype)
