@@ -25,7 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_evict.kernels.kv_store import _CACHE_DTYPES, _INDEX_DTYPES, _TILE_ELEMENTS, _cast_exact, _check_shape
+from sglang_evict.kernels.kv_store import (
+    _CACHE_DTYPES,
+    _TILE_ELEMENTS,
+    _cast_exact,
+    _check_dtypes_and_device,
+    _check_shape,
+)
 
 __all__ = ["store_head_slots", "store_head_slots_reference"]
 
@@ -55,26 +61,7 @@ def _validate(k_slots, v_slots, log_beta_slots, pos_slots, k, v, log_beta, posit
     _check_shape("log_beta", log_beta, (T, num_heads))
     _check_shape("positions", positions, (T,))
 
-    for name in ("k_slots", "v_slots"):
-        if args[name].dtype not in _CACHE_DTYPES:
-            raise ValueError(f"{name}: expected dtype in {_CACHE_DTYPES}, found {args[name].dtype}")
-    if v_slots.dtype != k_slots.dtype:
-        raise ValueError(f"v_slots: expected dtype {k_slots.dtype} (as k_slots), found {v_slots.dtype}")
-    if log_beta_slots.dtype != torch.float32:
-        raise ValueError(f"log_beta_slots: expected dtype torch.float32, found {log_beta_slots.dtype}")
-    if pos_slots.dtype != torch.int64:
-        raise ValueError(f"pos_slots: expected dtype torch.int64, found {pos_slots.dtype}")
-    for name in ("k", "v", "log_beta"):
-        if not args[name].dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a floating dtype, found {args[name].dtype}")
-    for name in ("positions", "slot"):
-        if args[name].dtype not in _INDEX_DTYPES:
-            raise ValueError(f"{name}: expected dtype in {_INDEX_DTYPES}, found {args[name].dtype}")
-
-    device = k_slots.device
-    for name, t in args.items():
-        if t.device != device:
-            raise ValueError(f"{name}: expected device {device} (as k_slots), found {t.device}")
+    _check_dtypes_and_device(args, "k_slots", "v_slots", "log_beta_slots", "pos_slots", "slot")
     return T
 
 

@@ -79,27 +79,35 @@ def _validate(k_cache, v_cache, log_beta_cache, pos_cache, k, v, log_beta, posit
     _check_shape("log_beta", log_beta, (T, num_heads))
     _check_shape("positions", positions, (T,))
 
-    for name in ("k_cache", "v_cache"):
+    _check_dtypes_and_device(args, "k_cache", "v_cache", "log_beta_cache", "pos_cache", "loc")
+    return T
+
+
+def _check_dtypes_and_device(
+    args: dict[str, torch.Tensor], k_name: str, v_name: str, lb_name: str, pos_name: str,
+    index_name: str,
+) -> None:
+    """The dtype and device rules every store shares; argument names differ per layout."""
+    for name in (k_name, v_name):
         if args[name].dtype not in _CACHE_DTYPES:
             raise ValueError(f"{name}: expected dtype in {_CACHE_DTYPES}, found {args[name].dtype}")
-    if v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache: expected dtype {k_cache.dtype} (as k_cache), found {v_cache.dtype}")
-    if log_beta_cache.dtype != torch.float32:
-        raise ValueError(f"log_beta_cache: expected dtype torch.float32, found {log_beta_cache.dtype}")
-    if pos_cache.dtype != torch.int64:
-        raise ValueError(f"pos_cache: expected dtype torch.int64, found {pos_cache.dtype}")
+    k_dtype, v_dtype = args[k_name].dtype, args[v_name].dtype
+    if v_dtype != k_dtype:
+        raise ValueError(f"{v_name}: expected dtype {k_dtype} (as {k_name}), found {v_dtype}")
+    if args[lb_name].dtype != torch.float32:
+        raise ValueError(f"{lb_name}: expected dtype torch.float32, found {args[lb_name].dtype}")
+    if args[pos_name].dtype != torch.int64:
+        raise ValueError(f"{pos_name}: expected dtype torch.int64, found {args[pos_name].dtype}")
     for name in ("k", "v", "log_beta"):
         if not args[name].dtype.is_floating_point:
             raise ValueError(f"{name}: expected a floating dtype, found {args[name].dtype}")
-    for name in ("positions", "loc"):
+    for name in ("positions", index_name):
         if args[name].dtype not in _INDEX_DTYPES:
             raise ValueError(f"{name}: expected dtype in {_INDEX_DTYPES}, found {args[name].dtype}")
-
-    device = k_cache.device
+    device = args[k_name].device
     for name, t in args.items():
         if t.device != device:
-            raise ValueError(f"{name}: expected device {device} (as k_cache), found {t.device}")
-    return T
+            raise ValueError(f"{name}: expected device {device} (as {k_name}), found {t.device}")
 
 
 def _check_loc_bounds(loc: torch.Tensor, num_slots: int) -> None:
