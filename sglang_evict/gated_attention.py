@@ -1,0 +1,299 @@
+"""Retention-gated attention for TRAINING the gates (pure torch, autograd, memory-bounded).
+
+METHOD.md (Training): the retention decay multiplies the attention logit. For one sequence,
+query position t, key position i <= t and KV head h (GQA: query head j reads KV head j // group)
+
+    log α_{t,i} = (t - i) · log β_{i,h}          (α_{t,t} = 1, α in (0, 1] since log β <= 0)
+    logit_{t,i} = α_{t,i} · (q_t · k_i) · scale  (scale defaults to 1 / sqrt(D))
+    o_t         = Σ_{i<=t} softmax_i(logit_{t,i}) · v_i
+
+Positions are token indices 0..T-1 of each sequence in the batch (no padding / packing support).
+
+`gated_attention` processes `chunk_size` query rows at a time: a block only ever builds the
+[chunk, t1] slice of α and of the logits (t1 = last row of the block + 1; keys after the block are
+causally masked and never touched), and the block is wrapped in
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` so that autograd keeps only the block's
+inputs and output; the [chunk, t1] intermediates are recomputed one block at a time in backward.
+Peak extra memory is therefore O(B · Hq · chunk · T) instead of
+O(B · Hq · T²).
+
+Dtypes: α, the logits and the softmax are computed in float32 whatever the q/k/v dtype (or in
+float64 when any input is float64, which the tests use for tight gradient checks); the output is
+cast back to q's dtype. α is formed as exp(age · log β) — an exp of a product, never a power — and
+the causal mask is applied to the age *before* the product, so masked entries (negative age) can
+never overflow.
+
+`expected_live_count` gives Σ_{i<=t} α_{t,i} = Σ_{i<=t} β_i^(t-i), the expected number of live
+cache entries per KV head after step t; `capacity_loss` is the hinge penalty on its excess over
+the budget M used in the training loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "capacity_loss",
+    "expected_live_count",
+    "expected_live_count_reference",
+    "gated_attention",
+    "gated_attention_reference",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def _check_log_beta(log_beta: torch.Tensor, shape: tuple[int, int, int] | None = None) -> None:
+    if not isinstance(log_beta, torch.Tensor):
+        raise ValueError(f"log_beta must be a tensor, got {type(log_beta).__name__}")
+    if not log_beta.is_floating_point():
+        raise ValueError(f"log_beta must be floating point, got {log_beta.dtype}")
+    if log_beta.dim() != 3:
+        raise ValueError(f"log_beta must be [B, T, Hkv], got shape {tuple(log_beta.shape)}")
+    if shape is not None and tuple(log_beta.shape) != shape:
+        raise ValueError(
+            f"log_beta must have shape [B, T, Hkv] = {list(shape)}, got {list(log_beta.shape)}"
+        )
+
+
+def _check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, scale: float | None
+) -> float:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, T, D], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    B, Hq, T, D = q.shape
+    Bk, Hkv, Tk, Dk = k.shape
+    if (Bk, Tk, Dk) != (B, T, D):
+        raise ValueError(
+            f"k must be [B, Hkv, T, D] with B={B}, T={T}, D={D} from q, got {list(k.shape)}"
+        )
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(
+            f"k: number of query heads Hq={Hq} must be a multiple of KV heads Hkv={Hkv}"
+        )
+    if tuple(v.shape[:3]) != (B, Hkv, T):
+        raise ValueError(
+            f"v must be [B, Hkv, T, Dv] with B={B}, Hkv={Hkv}, T={T}, got {list(v.shape)}"
+        )
+    _check_log_beta(log_beta, (B, T, Hkv))
+    if scale is None:
+        return 1.0 / math.sqrt(D) if D > 0 else 1.0
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return scale
+
+
+def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    dt = torch.float32
+    for x in xs:
+        dt = torch.promote_types(dt, x.dtype)
+    return dt
+
+
+# --------------------------------------------------------------------------------------------
+# shared math
+# --------------------------------------------------------------------------------------------
+
+
+def _log_alpha(log_beta_keys: torch.Tensor, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log α for query rows t0..t1-1 against keys 0..t1-1.
+
+    log_beta_keys: [B, Hkv, t1] (compute dtype). Returns (log_alpha [B, Hkv, t1-t0, t1], causal
+    mask [t1-t0, t1] with True where i <= t). The age is clamped to >= 0 before the product, and
+    the diagonal (age 0) is exactly 0 even if log β were -inf.
+    """
+    device = log_beta_keys.device
+    rows = torch.arange(t0, t1, device=device)
+    cols = torch.arange(0, t1, device=device)
+    age = rows[:, None] - cols[None, :]  # [C, t1]
+    causal = age >= 0
+    age_f = age.clamp(min=0).to(log_beta_keys.dtype)
+    prod = age_f[None, None] * log_beta_keys[:, :, None, :]  # [B, Hkv, C, t1]
+    zero = torch.zeros((), dtype=prod.dtype, device=device)
+    log_alpha = torch.where((age > 0)[None, None], prod, zero)
+    return log_alpha, causal
+
+
+def _attention_block(
+    q_blk: torch.Tensor,
+    k_keys: torch.Tensor,
+    v_keys: torch.Tensor,
+    lb_keys: torch.Tensor,
+    t0: int,
+    scale: float,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """One query block. q_blk [B, Hq, C, D], k/v_keys [B, Hkv, t1, *], lb_keys [B, Hkv, t1]."""
+    B, Hq, C, D = q_blk.shape
+    Hkv, t1 = k_keys.shape[1], k_keys.shape[2]
+    g = Hq // Hkv
+    qf = q_blk.to(compute_dtype).reshape(B, Hkv, g, C, D)
+    kf = k_keys.to(compute_dtype)
+    vf = v_keys.to(compute_dtype)
+    log_alpha, causal = _log_alpha(lb_keys.to(compute_dtype), t0, t0 + C)
+    alpha = torch.exp(log_alpha)  # [B, Hkv, C, t1]
+    scores = torch.einsum("bhgcd,bhtd->bhgct", qf, kf)  # [B, Hkv, g, C, t1]
+    logits = alpha[:, :, None] * scores * scale
+    logits = logits.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("bhgct,bhtd->bhgcd", probs, vf)
+    return out.reshape(B, Hq, C, vf.shape[-1]).to(q_blk.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_beta: torch.Tensor,
+    scale: float | None = None,
+    chunk_size: int = 128,
+    *,
+    use_checkpoint: bool = True,
+) -> torch.Tensor:
+    """Causal retention-gated attention, chunked over query rows and checkpointed per chunk.
+
+    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], log_beta [B, T, Hkv] (float32; <= 0).
+    Returns o [B, Hq, T, Dv] in q's dtype. ``use_checkpoint=False`` (testing/debugging only)
+    keeps the per-block intermediates for backward instead of recomputing them.
+    """
+    _check_chunk_size(chunk_size)
+    scale = _check_attention_inputs(q, k, v, log_beta, scale)
+    T = q.shape[2]
+    compute_dtype = _compute_dtype(q, k, v, log_beta)
+    lb = log_beta.permute(0, 2, 1)  # [B, Hkv, T] (a view)
+    outs = []
+    for t0 in range(0, T, chunk_size):
+        t1 = min(t0 + chunk_size, T)
+        args = (q[:, :, t0:t1], k[:, :, :t1], v[:, :, :t1], lb[:, :, :t1], t0, scale, compute_dtype)
+        if use_checkpoint and torch.is_grad_enabled():
+            outs.append(checkpoint(_attention_block, *args, use_reentrant=False))
+        else:
+            outs.append(_attention_block(*args))
+    if not outs:
+        return q.new_empty((*q.shape[:3], v.shape[-1]))
+    return torch.cat(outs, dim=2)
+
+
+def gated_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_beta: torch.Tensor,
+    scale: float | None = None,
+    chunk_size: int = 128,
+) -> torch.Tensor:
+    """Naive ground truth: builds the full [T, T] α and logits per head (``chunk_size`` unused)."""
+    _check_chunk_size(chunk_size)
+    scale = _check_attention_inputs(q, k, v, log_beta, scale)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    cd = _compute_dtype(q, k, v, log_beta)
+    pos = torch.arange(T, device=q.device)
+    age = (pos[:, None] - pos[None, :]).to(cd)  # [T, T], t - i
+    causal = pos[:, None] >= pos[None, :]
+    lb = log_beta.to(cd).permute(0, 2, 1)  # [B, Hkv, T]
+    log_alpha = torch.where(causal, age, torch.zeros_like(age))[None, None] * lb[:, :, None, :]
+    alpha = torch.exp(log_alpha).repeat_interleave(g, dim=1)  # [B, Hq, T, T]
+    kf = k.to(cd).repeat_interleave(g, dim=1)
+    vf = v.to(cd).repeat_interleave(g, dim=1)
+    logits = alpha * (q.to(cd) @ kf.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~causal, float("-inf"))
+    return (torch.softmax(logits, dim=-1) @ vf).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# expected live count and capacity loss
+# --------------------------------------------------------------------------------------------
+
+
+def _live_block(lb_keys: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+    """Σ_{i<=t} α_{t,i} for rows t0..t1-1; lb_keys [B, Hkv, t1] -> [B, t1-t0, Hkv]."""
+    log_alpha, causal = _log_alpha(lb_keys, t0, t1)
+    alpha = torch.exp(log_alpha).masked_fill(~causal, 0.0)
+    return alpha.sum(dim=-1).permute(0, 2, 1)
+
+
+def expected_live_count(
+    log_beta: torch.Tensor, chunk_size: int = 128, *, use_checkpoint: bool = True
+) -> torch.Tensor:
+    """Expected number of live cache entries per KV head after each step.
+
+    live[b, t, h] = Σ_{i<=t} β_{b,i,h}^(t-i) = Σ_{i<=t} exp((t - i) · log β_{b,i,h}),
+    computed ``chunk_size`` rows at a time (each row block checkpointed), in float32 (float64 for
+    float64 input). log_beta [B, T, Hkv] -> live [B, T, Hkv]. Equals t + 1 when log β = 0.
+    """
+    _check_chunk_size(chunk_size)
+    _check_log_beta(log_beta)
+    cd = _compute_dtype(log_beta)
+    lb = log_beta.to(cd).permute(0, 2, 1)  # [B, Hkv, T]
+    T = lb.shape[-1]
+    outs = []
+    for t0 in range(0, T, chunk_size):
+        t1 = min(t0 + chunk_size, T)
+        if use_checkpoint and torch.is_grad_enabled():
+            outs.append(checkpoint(_live_block, lb[:, :, :t1], t0, t1, use_reentrant=False))
+        else:
+            outs.append(_live_block(lb[:, :, :t1], t0, t1))
+    if not outs:
+        return log_beta.new_zeros(log_beta.shape, dtype=cd)
+    return torch.cat(outs, dim=1)
+
+
+def expected_live_count_reference(log_beta: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """Naive ground truth for `expected_live_count` (full [T, T] α; ``chunk_size`` unused)."""
+    _check_chunk_size(chunk_size)
+    _check_log_beta(log_beta)
+    cd = _compute_dtype(log_beta)
+    T = log_beta.shape[1]
+    pos = torch.arange(T, device=log_beta.device)
+    age = (pos[:, None] - pos[None, :]).to(cd)
+    causal = pos[:, None] >= pos[None, :]
+    age = torch.where(causal, age, torch.zeros_like(age))
+    # [B, T(t), T(i), H]
+    alpha = torch.exp(age[None, :, :, None] * log_beta.to(cd)[:, None, :, :])
+    return (alpha * causal[None, :, :, None].to(cd)).sum(dim=2)
+
+
+def capacity_loss(live: torch.Tensor, budget: int) -> torch.Tensor:
+    """Capacity penalty: mean over (B, T, H) of relu(live - M) / M.
+
+    A hinge on the excess of the expected live count over the budget M, normalised by M. The
+    published papers do not give the exact form (METHOD.md); this is the natural reading of
+    "penalise its excess over the budget": it is zero while a head keeps at most M entries in
+    expectation, so it never pushes gates to forget below the budget, grows linearly with the
+    overflow, and dividing by M makes λ comparable across budgets (a 10% overflow costs 0.1
+    whatever M). The mean (rather than a sum) keeps the scale independent of B, T and H.
+    """
+    if not isinstance(live, torch.Tensor) or not live.is_floating_point():
+        raise ValueError("live must be a floating-point tensor")
+    if live.dim() != 3:
+        raise ValueError(f"live must be [B, T, Hkv], got shape {tuple(live.shape)}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+    if live.numel() == 0:
+        return live.sum() * 0.0
+    return F.relu(live - budget).mean() / budget
