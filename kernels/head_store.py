@@ -26,11 +26,11 @@ import triton
 import triton.language as tl
 
 from sglang_evict.kernels.kv_store import (
-    _CACHE_DTYPES,
-    _TILE_ELEMENTS,
     _cast_exact,
     _check_dtypes_and_device,
     _check_shape,
+    _kernel_sources,
+    _store_grid,
 )
 
 __all__ = ["store_head_slots", "store_head_slots_reference"]
@@ -140,18 +140,8 @@ def store_head_slots(
         _check_slot_bounds(slot, capacity)
     if T == 0 or num_heads == 0 or head_dim == 0 or capacity == 0:
         return
-    # Sources the model never produces on the hot path (float64, float8) are cast by torch first:
-    # one rounding, as the reference does; the kernel only handles the three cache dtypes.
-    if k.dtype not in _CACHE_DTYPES:
-        k = k.to(k_slots.dtype)
-    if v.dtype not in _CACHE_DTYPES:
-        v = v.to(v_slots.dtype)
-    if log_beta.dtype not in _CACHE_DTYPES:
-        log_beta = log_beta.to(torch.float32)
-
-    BLOCK_D = triton.next_power_of_2(head_dim)
-    BLOCK_T = max(1, min(_TILE_ELEMENTS // BLOCK_D, triton.next_power_of_2(T)))
-    grid = (triton.cdiv(T, BLOCK_T), num_heads)
+    k, v, log_beta = _kernel_sources(k, v, log_beta, k_slots.dtype)
+    grid, BLOCK_T, BLOCK_D = _store_grid(T, num_heads, head_dim)
     _store_head_slots_kernel[grid](
         k_slots, v_slots, log_beta_slots, pos_slots,
         k, v, log_beta, positions, slot,

@@ -119,6 +119,25 @@ def _check_loc_bounds(loc: torch.Tensor, num_slots: int) -> None:
         )
 
 
+def _kernel_sources(k, v, log_beta, cache_dtype):
+    # Sources the model never produces on the hot path (float64, float8) are cast by torch first:
+    # one rounding, as the reference does, and the kernels only handle the three cache dtypes.
+    if k.dtype not in _CACHE_DTYPES:
+        k = k.to(cache_dtype)
+    if v.dtype not in _CACHE_DTYPES:
+        v = v.to(cache_dtype)
+    if log_beta.dtype not in _CACHE_DTYPES:
+        log_beta = log_beta.to(torch.float32)
+    return k, v, log_beta
+
+
+def _store_grid(T: int, num_heads: int, head_dim: int):
+    """(grid, BLOCK_T, BLOCK_D) of a store launch: one program per (token block, KV head)."""
+    BLOCK_D = triton.next_power_of_2(head_dim)
+    BLOCK_T = max(1, min(_TILE_ELEMENTS // BLOCK_D, triton.next_power_of_2(T)))
+    return (triton.cdiv(T, BLOCK_T), num_heads), BLOCK_T, BLOCK_D
+
+
 @triton.jit
 def _cast_exact(x, DST: tl.constexpr):
     """Cast x (float32/float16/bfloat16) to DST with torch's result: round to nearest even.
@@ -215,18 +234,8 @@ def store_kv_scores(
         _check_loc_bounds(loc, num_slots)
     if num_heads == 0 or head_dim == 0 or num_slots == 0:
         return
-    # Sources the model never produces on the hot path (float64, float8) are cast by torch first:
-    # one rounding, as the reference does, and the kernel only handles the three cache dtypes.
-    if k.dtype not in _CACHE_DTYPES:
-        k = k.to(k_cache.dtype)
-    if v.dtype not in _CACHE_DTYPES:
-        v = v.to(v_cache.dtype)
-    if log_beta.dtype not in _CACHE_DTYPES:
-        log_beta = log_beta.to(torch.float32)
-
-    BLOCK_D = triton.next_power_of_2(head_dim)
-    BLOCK_T = max(1, min(_TILE_ELEMENTS // BLOCK_D, triton.next_power_of_2(T)))
-    grid = (triton.cdiv(T, BLOCK_T), num_heads)
+    k, v, log_beta = _kernel_sources(k, v, log_beta, k_cache.dtype)
+    grid, BLOCK_T, BLOCK_D = _store_grid(T, num_heads, head_dim)
     _store_kv_scores_kernel[grid](
         k_cache, v_cache, log_beta_cache, pos_cache,
         k, v, log_beta, positions, loc,
