@@ -62,7 +62,6 @@ class GateAttachment:
         self.store: ScoreStore | None = None
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.unfused_writes = 0
-        self.finished_stats: dict[str, dict] = {}
         self._store_fn = None
 
     def store_fn(self, device: torch.device):
@@ -79,6 +78,10 @@ class GateAttachment:
 
 
 _attachment: GateAttachment | None = None
+# Per-request statistics waiting for the request's response (rid -> meta_info entry). Entries
+# are popped when the response is streamed; a request that finishes without a response
+# (aborted) would leave one behind, so only the newest MAX_PENDING_STATS are kept.
+_finished_stats: dict[str, dict] = {}
 
 
 def attachment() -> GateAttachment | None:
@@ -158,7 +161,7 @@ def _make_hooks(state: GateAttachment, layer_id: int):
 def after_load_model(result, runner, *args, **kwargs):
     global _attachment
     config = EvictConfig.from_env()
-    if not config.active or runner.is_draft_worker:
+    if config.gates is None or runner.is_draft_worker:
         return result
     from sglang_evict.gate_checkpoint import load_gates_for_model
 
@@ -185,17 +188,23 @@ def after_load_model(result, runner, *args, **kwargs):
 
 def around_cell_size(original, configurator, kvc, num_layers, *args, **kwargs):
     cell = original(configurator, kvc, num_layers, *args, **kwargs)
-    if not EvictConfig.from_env().active:
+    config = EvictConfig.from_env()
+    if not config.active:
         return cell
     from sglang.srt.runtime_context import get_parallel
 
     heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    if config.evicting:
+        from sglang_evict.head_cache import bytes_per_token
+
+        return cell + bytes_per_token(num_layers, heads, config.virtual_factor)
     return cell + bytes_per_slot(num_layers, heads)
 
 
 def after_alloc_memory_pool(result, runner, *args, **kwargs):
     state = _attachment
-    if state is None or runner.is_draft_worker:
+    if state is None or runner.is_draft_worker or state.config.evicting:
+        # With eviction, log beta lives in the head-slots (head_cache.py), not a score store.
         return result
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
@@ -269,27 +278,33 @@ def request_stats(store: ScoreStore, slots: torch.Tensor) -> dict:
 
 
 def before_release_kv_cache(req, tree_cache, *args, **kwargs):
-    state = _attachment
-    if state is None or state.store is None or not req.finished():
-        return None
     row = req.kv.req_pool_idx
     if row is None:
         return None
-    # The last sampled token has no KV yet; committed KV is what the score store covers.
-    n = req.kv.kv_committed_len
-    slots = tree_cache.req_to_token_pool.req_to_token[row, :n]
-    stats = state.finished_stats
-    stats[req.rid] = request_stats(state.store, slots)
-    # Entries are popped when the response is streamed; a request that finishes without a
-    # response (aborted) would leave one behind, so keep only the newest.
-    while len(stats) > MAX_PENDING_STATS:
-        stats.pop(next(iter(stats)))
+    from sglang_evict.patches import head_evict
+
+    # Always hand the row's eviction statistics over: the row may be reused next step.
+    evict_stats = head_evict.release_stats(req, row)
+    if not req.finished():
+        return None
+    entry = dict(evict_stats or {})
+    state = _attachment
+    if state is not None and state.store is not None:
+        # The last sampled token has no KV yet; committed KV is what the score store covers.
+        n = req.kv.kv_committed_len
+        slots = tree_cache.req_to_token_pool.req_to_token[row, :n]
+        entry.update(request_stats(state.store, slots))
+    if not entry:
+        return None
+    _finished_stats[req.rid] = entry
+    while len(_finished_stats) > MAX_PENDING_STATS:
+        _finished_stats.pop(next(iter(_finished_stats)))
     return None
 
 
 def around_output_streamer_class(original, scheduler, *args, **kwargs):
     base = original(scheduler, *args, **kwargs)
-    if _attachment is None:
+    if not EvictConfig.from_env().active:
         return base
 
     class EvictOutputStreamer(base):
@@ -297,10 +312,8 @@ def around_output_streamer_class(original, scheduler, *args, **kwargs):
 
         def build_additional_customized_info(self, reqs):
             values = super().build_additional_customized_info(reqs)
-            state = _attachment
             values[META_KEY] = [
-                [state.finished_stats.pop(r.rid)] if r.rid in state.finished_stats else []
-                for r in reqs
+                [_finished_stats.pop(r.rid)] if r.rid in _finished_stats else [] for r in reqs
             ]
             return values
 
@@ -319,6 +332,7 @@ def register(registry, hook_type) -> None:
     registry.register(LOAD_MODEL, after_load_model, hook_type.AFTER)
     registry.register(ALLOC_POOL, after_alloc_memory_pool, hook_type.AFTER)
     registry.register(CELL_SIZE, around_cell_size, hook_type.AROUND)
-    registry.register(STORE_KV, around_store_kv_layer, hook_type.AROUND)
+    if not EvictConfig.from_env().evicting:
+        registry.register(STORE_KV, around_store_kv_layer, hook_type.AROUND)
     registry.register(RELEASE_KV, before_release_kv_cache, hook_type.BEFORE)
     registry.register(STREAMER_CLASS, around_output_streamer_class, hook_type.AROUND)

@@ -15,11 +15,31 @@ from dataclasses import dataclass
 
 ENV_VAR = "SGLANG_EVICT_CONFIG"
 KERNEL_BACKENDS = ("auto", "triton", "torch")
+# CLI policy name -> (policies.py registry name, evictor mode). "retention" is TrimKV (a fixed
+# budget per layer and head), "retention-global" DBTrimKV (one budget per request shared by all
+# its layers and heads); the training-free baselines use the global budget, so they compete
+# with retention-global on equal terms.
+POLICY_CHOICES: dict[str, tuple[str, str]] = {
+    "retention": ("retention", "per_head"),
+    "retention-global": ("retention", "global"),
+    "streaming": ("streaming", "global"),
+    "random": ("random", "global"),
+    "knorm": ("knorm", "global"),
+    "none": ("none", "global"),
+}
+ATTENTION_BACKEND = "sglang_evict"
 
-# (flag, field, takes a value)
-FLAGS: tuple[tuple[str, str, bool], ...] = (
-    ("--evict-gates", "gates", True),
-    ("--evict-kernel", "kernel", True),
+# (flag, field, type)
+FLAGS: tuple[tuple[str, str, type], ...] = (
+    ("--evict-gates", "gates", str),
+    ("--evict-kernel", "kernel", str),
+    ("--evict-policy", "policy", str),
+    ("--evict-budget", "budget", int),
+    ("--evict-buffer", "buffer", int),
+    ("--evict-sinks", "sinks", int),
+    ("--evict-window", "window", int),
+    ("--evict-min-per-head", "min_per_head", int),
+    ("--evict-oversubscribe", "oversubscribe", int),
 )
 
 
@@ -30,9 +50,19 @@ class EvictConfigError(ValueError):
 @dataclass(frozen=True)
 class EvictConfig:
     gates: str | None = None  # gate checkpoint: ours (.safetensors) or the authors' (.pth / folder)
-    # Store kernel: Triton where it compiles for real (CUDA); on CPU the torch reference, since
-    # Triton's interpreter is far too slow for a serving hot path.
+    # Kernels: Triton where it compiles for real (CUDA); on CPU the torch paths, since Triton's
+    # interpreter is far too slow for a serving hot path.
     kernel: str = "auto"
+    # Head-granular eviction (None = SGLang's own KV pool, no eviction).
+    policy: str | None = None
+    budget: int | None = None  # M: head-slots per (layer, KV head) a request keeps
+    buffer: int = 128  # B: eviction triggers above M + B
+    sinks: int = 4  # first positions never evicted (attention sinks)
+    window: int = 0  # most recent positions never evicted (0 = none)
+    min_per_head: int = 0  # floor per (layer, head) under the global budget
+    # Virtual token ids (SGLang's token pool) per token of physical KV memory: how many more
+    # tokens requests may hold in total than would fit at full size.
+    oversubscribe: int = 8
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNEL_BACKENDS:
@@ -41,10 +71,77 @@ class EvictConfig:
             )
         if self.gates is not None and not os.path.exists(self.gates):
             raise EvictConfigError(f"--evict-gates: {self.gates} does not exist")
+        if self.policy is None:
+            tuned = [f for f, name, _ in FLAGS[3:] if getattr(self, name) != _DEFAULTS[name]]
+            if tuned:
+                raise EvictConfigError(
+                    f"{', '.join(tuned)} without --evict-policy: choose a policy "
+                    f"({', '.join(POLICY_CHOICES)})"
+                )
+            return
+        if self.policy not in POLICY_CHOICES:
+            raise EvictConfigError(
+                f"--evict-policy must be one of {', '.join(POLICY_CHOICES)}, got {self.policy!r}"
+            )
+        if self.policy == "none":
+            if self.budget is not None:
+                raise EvictConfigError("--evict-budget has no effect with --evict-policy none")
+        elif self.budget is None:
+            raise EvictConfigError(f"--evict-policy {self.policy} needs --evict-budget M")
+        elif self.budget < 1:
+            raise EvictConfigError(f"--evict-budget must be >= 1, got {self.budget}")
+        for name in ("buffer", "sinks", "window", "min_per_head"):
+            if getattr(self, name) < 0:
+                flag = "--evict-" + name.replace("_", "-")
+                raise EvictConfigError(f"{flag} must be >= 0, got {getattr(self, name)}")
+        if self.oversubscribe < 1:
+            raise EvictConfigError(f"--evict-oversubscribe must be >= 1, got {self.oversubscribe}")
+        if self.policy.startswith("retention") and self.gates is None:
+            raise EvictConfigError(
+                f"--evict-policy {self.policy} scores entries with retention gates: pass "
+                "--evict-gates PATH"
+            )
+        if self.min_per_head:
+            if self.policy == "retention":
+                raise EvictConfigError(
+                    "--evict-min-per-head applies to global budgets; --evict-policy retention "
+                    "already keeps M entries in every layer and head"
+                )
+            if self.budget is not None and self.min_per_head > self.budget:
+                raise EvictConfigError(
+                    f"--evict-min-per-head {self.min_per_head} exceeds --evict-budget {self.budget}"
+                )
 
     @property
     def active(self) -> bool:
-        return self.gates is not None
+        return self.gates is not None or self.evicting
+
+    @property
+    def virtual_factor(self) -> int:
+        """Virtual token ids per physical token: 1 without an evictor (policy none holds every
+        token, so promising more than memory would only defer the shortage)."""
+        return self.oversubscribe if self.policy not in (None, "none") else 1
+
+    @property
+    def evicting(self) -> bool:
+        """Head-granular KV (the sglang_evict attention backend) replaces SGLang's KV pool."""
+        return self.policy is not None
+
+    def evictor_config(self):
+        """The evictor settings of this policy (None for policy none: nothing is evicted)."""
+        if self.policy in (None, "none"):
+            return None
+        from sglang_evict.evictor import EvictorConfig
+        from sglang_evict.policies import make_policy
+
+        name, mode = POLICY_CHOICES[self.policy]
+        return EvictorConfig(
+            budget=self.budget,
+            policy=make_policy(name, sinks=self.sinks, window=self.window),
+            buffer=self.buffer,
+            mode=mode,
+            min_per_head=self.min_per_head,
+        )
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -61,24 +158,31 @@ class EvictConfig:
         return cls(**data)
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvictConfig)}
+
+
 def split_argv(argv: list[str]) -> tuple[EvictConfig, list[str]]:
     """Take this plugin's flags out of a command line; return them and SGLang's remaining argv."""
-    values: dict[str, str] = {}
+    values: dict[str, object] = {}
     rest: list[str] = []
-    by_flag = {flag: (field, takes) for flag, field, takes in FLAGS}
+    by_flag = {flag: (field, kind) for flag, field, kind in FLAGS}
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=")
         if name in by_flag:
-            field, _ = by_flag[name]
+            field, kind = by_flag[name]
             if eq:
-                values[field] = inline
+                text = inline
             elif i + 1 < len(argv):
-                values[field] = argv[i + 1]
+                text = argv[i + 1]
                 i += 1
             else:
                 raise EvictConfigError(f"{name} needs a value")
+            try:
+                values[field] = kind(text)
+            except ValueError:
+                raise EvictConfigError(f"{name} must be an integer, got {text!r}") from None
         elif name.startswith("--evict-"):
             known = ", ".join(f for f, _, _ in FLAGS)
             raise EvictConfigError(f"unknown option {name} (sglang-evict options: {known})")

@@ -20,9 +20,10 @@ def register() -> None:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from sglang_evict.patches import cpu_rotary, gate_attach
+    from sglang_evict.patches import cpu_rotary, gate_attach, head_evict
 
     cpu_rotary.register(HookRegistry, HookType)
     gate_attach.register(HookRegistry, HookType)
+    head_evict.register(HookRegistry, HookType)
     _registered = True
     logger.info("sglang-evict plugin registered")

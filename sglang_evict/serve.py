@@ -19,7 +19,13 @@ import socket
 import sys
 from pathlib import Path
 
-from sglang_evict.config import ENV_VAR, EvictConfig, EvictConfigError, split_argv
+from sglang_evict.config import (
+    ATTENTION_BACKEND,
+    ENV_VAR,
+    EvictConfig,
+    EvictConfigError,
+    split_argv,
+)
 
 # Fits long-context tests on a 24 GiB machine; SGLang's own CPU default sizes the pool from
 # free RAM (about 14 GiB of KV for the default model), which also makes start-up take ~25 s.
@@ -130,6 +136,44 @@ def check_gates(config: EvictConfig, model_path: str) -> None:
         raise StartupError(str(e)) from None
 
 
+def with_eviction_backend(config: EvictConfig, argv: list[str]) -> list[str]:
+    backend = flag_value(argv, "--attention-backend")
+    if backend is None:
+        return argv + ["--attention-backend", ATTENTION_BACKEND]
+    if backend != ATTENTION_BACKEND:
+        raise StartupError(
+            f"--evict-policy {config.policy} serves head-granular KV with --attention-backend "
+            f"{ATTENTION_BACKEND}, not {backend}"
+        )
+    return argv
+
+
+def with_eviction_settings(config: EvictConfig, argv: list[str]) -> list[str]:
+    """SGLang settings head-granular eviction needs: refuse the ones that conflict, add the rest.
+
+    The sglang_evict attention backend owns the KV; the radix cache is refused (prefix sharing
+    of evicted KV comes with its own cache backend); the overlap scheduler is turned off so the
+    evictor runs between steps, never while the next batch is being prepared."""
+    out = list(argv)
+    if not has_flag(out, "--disable-radix-cache"):
+        raise StartupError(
+            f"--evict-policy {config.policy} cannot run with the radix cache yet: add "
+            "--disable-radix-cache"
+        )
+    page = flag_value(out, "--page-size")
+    if page is not None and page != "1":
+        raise StartupError(f"--evict-policy needs --page-size 1 (one token per slot), got {page}")
+    if not has_flag(out, "--disable-overlap-schedule"):
+        out += ["--disable-overlap-schedule"]
+    if not has_flag(out, "--disable-cuda-graph"):
+        out += ["--disable-cuda-graph"]
+    total = flag_value(out, "--max-total-tokens")
+    if not has_flag(out, "--chunked-prefill-size") and total is not None and total.isdigit():
+        # A prefill chunk must fit the physical pool with room to spare (head_evict._check_fits).
+        out += ["--chunked-prefill-size", str(max(1, min(4096, int(total) // 2)))]
+    return out
+
+
 def prepare_argv(argv: list[str]) -> tuple[EvictConfig, list[str]]:
     """Fill in the defaults and run the start-up checks; return the plugin's settings and
     SGLang's argv."""
@@ -142,10 +186,14 @@ def prepare_argv(argv: list[str]) -> tuple[EvictConfig, list[str]]:
 
         out = ["--model-path", str(default_model.resolve())] + out
     check_model_path(flag_value(out, "--model-path"))
-    if config.active:
+    if config.gates is not None:
         check_gates(config, flag_value(out, "--model-path"))
+    if config.evicting:
+        out = with_eviction_backend(config, out)
     if not cuda_available():
         out = with_cpu_defaults(out)
+    if config.evicting:
+        out = with_eviction_settings(config, out)
     host = flag_value(out, "--host") or "127.0.0.1"
     if not has_flag(out, "--host"):
         out += ["--host", host]

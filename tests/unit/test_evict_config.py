@@ -54,3 +54,73 @@ def test_bad_flags(argv, message):
 def test_bad_environment():
     with pytest.raises(EvictConfigError, match="not valid JSON"):
         EvictConfig.from_env({ENV_VAR: "{"})
+
+
+def test_eviction_flags_parse_and_build_the_evictor(tmp_path):
+    gates = tmp_path / "g.safetensors"
+    gates.write_bytes(b"x")
+    config, rest = split_argv([
+        "--evict-policy", "retention-global", "--evict-budget=64", "--evict-buffer", "32",
+        "--evict-sinks", "2", "--evict-window", "16", "--evict-min-per-head", "4",
+        "--evict-gates", str(gates), "--port", "1",
+    ])
+    assert rest == ["--port", "1"]
+    assert config.evicting and config.active and config.virtual_factor == 8
+    ev = config.evictor_config()
+    assert (ev.budget, ev.buffer, ev.mode, ev.min_per_head) == (64, 32, "global", 4)
+    assert (ev.policy.name, ev.policy.sinks, ev.policy.window) == ("retention", 2, 16)
+    per_head, _ = split_argv(["--evict-policy", "retention", "--evict-budget", "8",
+                              "--evict-gates", str(gates)])
+    assert per_head.evictor_config().mode == "per_head"
+    none, _ = split_argv(["--evict-policy", "none"])
+    assert none.evicting and none.evictor_config() is None and none.virtual_factor == 1
+    assert EvictConfig.from_env({ENV_VAR: config.to_env()}) == config
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--evict-policy", "lru", "--evict-budget", "8"], "--evict-policy must be one of"),
+        (["--evict-policy", "streaming"], "needs --evict-budget M"),
+        (["--evict-policy", "streaming", "--evict-budget", "0"], "--evict-budget must be >= 1"),
+        (["--evict-policy", "streaming", "--evict-budget", "x"], "must be an integer"),
+        (["--evict-policy", "none", "--evict-budget", "8"], "no effect with --evict-policy none"),
+        (["--evict-budget", "8"], "--evict-budget without --evict-policy"),
+        (["--evict-policy", "retention-global", "--evict-budget", "8"], "pass --evict-gates"),
+        (["--evict-policy", "streaming", "--evict-budget", "8", "--evict-window", "-1"],
+         "--evict-window must be >= 0"),
+        (["--evict-policy", "streaming", "--evict-budget", "8", "--evict-min-per-head", "9"],
+         "exceeds --evict-budget 8"),
+        (["--evict-policy", "streaming", "--evict-budget", "8", "--evict-oversubscribe", "0"],
+         "--evict-oversubscribe must be >= 1"),
+    ],
+)
+def test_bad_eviction_flags(argv, message):
+    with pytest.raises(EvictConfigError, match=message):
+        split_argv(argv)
+
+
+def test_per_request_override_merges_over_the_server_settings(monkeypatch):
+    from sglang_evict.patches import head_evict
+
+    server, _ = split_argv(["--evict-policy", "streaming", "--evict-budget", "64",
+                            "--evict-sinks", "2"])
+    monkeypatch.setattr(head_evict._state, "config", server)
+    assert head_evict.request_config(None) is None
+    assert head_evict.request_config({"other": 1}) is None
+    cfg = head_evict.request_config({"sglang_evict": {"budget": 8, "window": 4}})
+    assert (cfg.policy, cfg.budget, cfg.window, cfg.sinks) == ("streaming", 8, 4, 2)
+    full = head_evict.request_config({"sglang_evict": {"policy": "none"}})
+    assert full.evictor_config() is None
+    for bad, message in [
+        ({"sglang_evict": {"budget": 0}}, "--evict-budget must be >= 1"),
+        ({"sglang_evict": {"budgets": 8}}, "unknown field"),
+        ({"sglang_evict": {"budget": "8"}}, "must be an integer"),
+        ({"sglang_evict": {"policy": "lru"}}, "--evict-policy must be one of"),
+        ({"sglang_evict": 3}, "must be an object"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            head_evict.request_config(bad)
+    monkeypatch.setattr(head_evict._state, "config", EvictConfig())
+    with pytest.raises(ValueError, match="started without --evict-policy"):
+        head_evict.request_config({"sglang_evict": {"budget": 8}})

@@ -94,6 +94,7 @@ def test_finished_request_stats_are_bounded(monkeypatch):
     state.store = ScoreStore(4, 1, 1, 1, "cpu")
     monkeypatch.setattr(gate_attach, "_attachment", state)
     monkeypatch.setattr(gate_attach, "MAX_PENDING_STATS", 3)
+    monkeypatch.setattr(gate_attach, "_finished_stats", {})
     rows = SimpleNamespace(req_to_token=torch.tensor([[0, 1, 2, 3]]))
     tree_cache = SimpleNamespace(req_to_token_pool=rows)
     for i in range(5):
@@ -101,5 +102,5 @@ def test_finished_request_stats_are_bounded(monkeypatch):
         req = SimpleNamespace(rid=f"r{i}", finished=lambda: True, kv=kv)
         gate_attach.before_release_kv_cache(req, tree_cache)
     # Requests that were never streamed (aborted) cannot pile up: only the newest stay.
-    assert list(state.finished_stats) == ["r2", "r3", "r4"]
-    assert state.finished_stats["r4"]["scored_tokens"] == 2
+    assert list(gate_attach._finished_stats) == ["r2", "r3", "r4"]
+    assert gate_attach._finished_stats["r4"]["scored_tokens"] == 2

@@ -37,3 +37,36 @@ def test_gpu_host_gets_no_cpu_settings(default_model_path, monkeypatch):
     _, out = serve.prepare_argv(["--model-path", str(default_model_path)])
     for flag, _ in serve.CPU_DEFAULTS:
         assert not serve.has_flag(out, flag)
+
+
+def _evict_argv(default_model_path, monkeypatch, *extra):
+    monkeypatch.setattr(serve, "cuda_available", lambda: False)
+    monkeypatch.setattr(serve, "check_port", lambda host, port: None)
+    argv = ["--model-path", str(default_model_path), "--evict-policy", "streaming"]
+    return serve.prepare_argv(argv + ["--evict-budget", "8", *extra])
+
+
+def test_eviction_brings_its_backend_and_scheduler_settings(default_model_path, monkeypatch):
+    config, out = _evict_argv(
+        default_model_path, monkeypatch, "--disable-radix-cache", "--max-total-tokens", "1000"
+    )
+    assert config.evicting and config.budget == 8
+    assert serve.flag_value(out, "--attention-backend") == "sglang_evict"
+    assert "--disable-overlap-schedule" in out and "--disable-cuda-graph" in out
+    assert serve.flag_value(out, "--chunked-prefill-size") == "500"
+    # The CPU defaults still apply to everything else.
+    assert serve.flag_value(out, "--device") == "cpu"
+
+
+def test_eviction_refuses_conflicting_settings(default_model_path, monkeypatch):
+    import pytest
+
+    with pytest.raises(serve.StartupError, match="cannot run with the radix cache yet"):
+        _evict_argv(default_model_path, monkeypatch)
+    with pytest.raises(serve.StartupError, match="--attention-backend sglang_evict, not torch_native"):
+        _evict_argv(
+            default_model_path, monkeypatch, "--disable-radix-cache",
+            "--attention-backend", "torch_native",
+        )
+    with pytest.raises(serve.StartupError, match="--page-size 1"):
+        _evict_argv(default_model_path, monkeypatch, "--disable-radix-cache", "--page-size", "16")

@@ -114,3 +114,48 @@ def test_attention_modules_take_positions_hidden_states_forward_batch(attention)
     from sglang_evict.patches.gate_attach import ATTENTION_ARGS
 
     assert tuple(_params(attention + ".forward")[1:4]) == ATTENTION_ARGS
+
+
+def test_head_evict_targets():
+    from sglang_evict.patches import head_evict as h
+
+    assert h.SGLANG_VERSION == version("sglang")
+    assert _params(h.DERIVE_SIZES) == ["self", "config"]
+    assert _params(h.CREATE_BUFFERS) == ["self"]
+    assert _params(h.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
+    assert _params(h.ALLOC_FREE) == ["self", "free_index"]
+    assert _params(h.ALLOC_CLEAR) == ["self"]
+    assert _params(h.FORWARD)[:2] == ["self", "forward_batch"]
+    assert _params(h.DECODE_CAPACITY) == [
+        "self", "num_tokens", "tree_cache", "requests", "spec_algorithm",
+    ]
+    assert _params(h.SAMPLING_VERIFY) == ["self", "vocab_size"]
+    assert _params(h.PREPARE_EXTEND) == ["self"]
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    assert "custom_params" in inspect.signature(SamplingParams).parameters
+    # The placeholder layout borrowed for SGLang's (virtual) per-layer buffers.
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, NoOpMHATokenToKVPool
+
+    assert issubclass(NoOpMHATokenToKVPool, MHATokenToKVPool)
+    assert "_create_buffers" in NoOpMHATokenToKVPool.__dict__
+    # Pool sizes are a frozen msgspec struct replaced field-wise.
+    from sglang.srt.mem_cache.kv_cache_configurator import _PoolSizes
+
+    assert "max_total_num_tokens" in _PoolSizes.__struct_fields__
+    # Retractions are logged with this text (the server tests count them).
+    from sglang.srt.managers import scheduler
+
+    assert "KV cache pool is full. Retract requests." in inspect.getsource(scheduler)
+
+
+def test_attention_backend_is_registered_for_the_cli():
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    from sglang_evict.config import ATTENTION_BACKEND
+    from sglang_evict.patches import head_evict
+
+    head_evict.register_backend()
+    assert ATTENTION_BACKEND in ATTENTION_BACKEND_CHOICES
+    assert ATTENTION_BACKENDS[ATTENTION_BACKEND] is head_evict.create_backend

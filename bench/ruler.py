@@ -1,0 +1,223 @@
+"""RULER quality vs KV budget through a real sglang-evict server.
+
+One server with head-granular eviction; every request picks its policy and budget through
+`custom_params.sglang_evict`, so all policies see the same prompts on the same server:
+
+    full                 policy none (every head-slot kept)
+    retention-global     DBTrimKV: one budget L*H*M per request, scored by the retention gates
+    retention            TrimKV: M per (layer, head)
+    streaming / random / knorm   training-free baselines under the same global budget
+
+Prompts are RULER's (nvidia-long-context-eval generators, held-out eval split, the default
+model's tokenizer and chat template), scored with RULER's metrics. Results: one JSON with every
+prediction and the per-cell mean with a 95% bootstrap interval, and a PNG (score vs M per
+length). No request may be squeezed by another: the pool is sized so that cross-request reclaim
+never happens, and the run fails if it does.
+
+    .venv/bin/python -P bench/ruler.py --gates init --lengths 2048 4096 --n 5 \
+        --out bench/results/ruler_untrained.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from tqdm import tqdm
+
+BASELINE = "full"
+POLICIES = ("retention-global", "retention", "streaming", "random", "knorm")
+DEFAULT_TASKS = ("niah_single_1", "niah_multikey_1", "niah_multivalue", "vt")
+
+
+def write_init_gates(model_path: Path, out: Path) -> Path:
+    """Gates as initialised for training (bias 10: beta ~ 1, nothing decays yet): the untrained
+    reference."""
+    import torch
+
+    from sglang_evict.gate_checkpoint import save_gates
+    from sglang_evict.gates import GateConfig, RetentionGates
+
+    hf = json.loads((model_path / "config.json").read_text())
+    gates = RetentionGates(GateConfig.from_hf_config(hf, gate_hidden=64, shared_projection=True))
+    with torch.no_grad():
+        gates.reset_parameters(torch.Generator().manual_seed(0))
+    save_gates(out, gates, extra={"note": "untrained (initialisation)"})
+    return out
+
+
+def bootstrap_ci(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    if not values:
+        return (math.nan, math.nan)
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(rounds, len(x)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def cells(policies, budgets):
+    yield BASELINE, None
+    for p in policies:
+        for m in budgets:
+            yield p, m
+
+
+def override(policy: str, budget: int | None, buffer: int) -> dict:
+    if policy == BASELINE:
+        return {"policy": "none"}
+    return {"policy": policy, "budget": budget, "buffer": buffer}
+
+
+def run(args) -> dict:
+    from sglang_evict import default_model
+    from sglang_evict.server_process import ServerProcess
+    from sglang_evict.train_data import build_eval_set, score_sample
+
+    model = default_model.resolve()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gates = args.gates
+    if gates == "init":
+        gates = str(write_init_gates(model, out.with_suffix(".init_gates.safetensors")))
+
+    samples = []
+    for length in args.lengths:
+        for task in args.tasks:
+            samples += build_eval_set(task, length, args.n)
+    grid = list(cells(args.policies, args.budgets))
+    jobs = [(s, p, m) for s in samples for p, m in grid]
+    pool = args.pool or max(args.lengths) * (args.concurrency + 1)
+    server_args = [
+        "--evict-policy", "retention-global", "--evict-gates", gates,
+        "--evict-budget", str(max(args.budgets)), "--evict-buffer", str(args.buffer),
+        "--disable-radix-cache", "--max-total-tokens", str(pool),
+        "--max-running-requests", str(args.concurrency),
+        "--chunked-prefill-size", str(args.chunk),
+    ]
+    print(f"{len(samples)} prompts x {len(grid)} cells = {len(jobs)} requests; pool {pool} tokens",
+          flush=True)
+
+    def one(job):
+        sample, policy, budget = job
+        params = {
+            "temperature": 0,
+            "max_new_tokens": sample["tokens_to_generate"],
+            "custom_params": {"sglang_evict": override(policy, budget, args.buffer)},
+        }
+        r = requests.post(server.url + "/generate",
+                          json={"text": sample["input"], "sampling_params": params}, timeout=3600)
+        r.raise_for_status()
+        body = r.json()
+        meta = body["meta_info"]["sglang_evict"][0]
+        return {
+            "task": sample["task"], "length": sample["length"], "index": sample["index"],
+            "policy": policy, "budget": budget, "prediction": body["text"],
+            "outputs": sample["outputs"],
+            "score": score_sample(sample["task"], body["text"], sample["outputs"]),
+            "prompt_tokens": body["meta_info"]["prompt_tokens"],
+            "live_head_slots": meta["live_head_slots"],
+            "full_head_slots": meta["full_head_slots"],
+            "peak_live_head_slots": meta["peak_live_head_slots"],
+            "reclaimed_head_slots": meta["reclaimed_head_slots"],
+        }
+
+    t0 = time.time()
+    with ServerProcess(server_args, log_path=out.with_suffix(".server.log")) as server:
+        started = time.time() - t0
+        with cf.ThreadPoolExecutor(args.concurrency) as ex:
+            rows = list(tqdm(ex.map(one, jobs), total=len(jobs), desc="RULER requests"))
+    squeezed = [r for r in rows if r["reclaimed_head_slots"]]
+    if squeezed:
+        raise SystemExit(
+            f"{len(squeezed)} requests lost head-slots to others (pool too small); "
+            "raise --pool or lower --concurrency"
+        )
+    summary = []
+    for length in args.lengths:
+        for policy, budget in grid:
+            sel = [r for r in rows if r["length"] == length and r["policy"] == policy
+                   and r["budget"] == budget]
+            scores = [r["score"] for r in sel]
+            lo, hi = bootstrap_ci(scores)
+            live = [r["live_head_slots"] / r["full_head_slots"] for r in sel]
+            summary.append({
+                "length": length, "policy": policy, "budget": budget, "n": len(sel),
+                "score": float(np.mean(scores)), "ci95": [lo, hi],
+                "kv_kept_fraction": float(np.mean(live)),
+                "per_task": {t: float(np.mean([r["score"] for r in sel if r["task"] == t]))
+                             for t in args.tasks},
+            })
+    result = {
+        "benchmark": "ruler", "gates": args.gates, "tasks": list(args.tasks),
+        "lengths": list(args.lengths), "n_per_task": args.n, "buffer": args.buffer,
+        "server_args": server_args, "server_start_s": started,
+        "wall_s": time.time() - t0, "summary": summary, "rows": rows,
+    }
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print_table(result)
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = result["lengths"]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        rows = [s for s in result["summary"] if s["length"] == length]
+        for policy in sorted({s["policy"] for s in rows} - {BASELINE}):
+            pts = sorted((s["budget"], s["score"]) for s in rows if s["policy"] == policy)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        full = [s["score"] for s in rows if s["policy"] == BASELINE]
+        if full:
+            ax.axhline(full[0], color="k", linestyle="--", label="full cache")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget M (head-slots per layer and KV head)")
+        ax.set_ylabel("RULER score")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{length} tokens, gates: {Path(str(result['gates'])).name}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_table(result: dict) -> None:
+    print("| length | policy | M | n | score | 95% CI | KV kept |")
+    print("|---|---|---|---|---|---|---|")
+    for s in result["summary"]:
+        lo, hi = s["ci95"]
+        print(f"| {s['length']} | {s['policy']} | {s['budget'] or '-'} | {s['n']} | "
+              f"{s['score']:.3f} | [{lo:.2f}, {hi:.2f}] | {s['kv_kept_fraction']:.1%} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--gates", required=True, help="gate checkpoint, or 'init' for untrained gates")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    p.add_argument("--n", type=int, default=5, help="samples per task and length")
+    p.add_argument("--policies", nargs="+", default=["retention-global", "streaming", "random"],
+                   choices=POLICIES)
+    p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--buffer", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=1024, help="--chunked-prefill-size")
+    p.add_argument("--pool", type=int, default=None, help="--max-total-tokens (physical)")
+    p.add_argument("--out", required=True)
+    run(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`--attention-backend sglang_evict`: attention over each (request, KV head)'s live head-slots.
+
+Per step, `init_forward_metadata` asks the HeadKVCache for the new tokens' head-slots and the
+per-layer ragged lists (FlashInfer layout: sequence r*H + h is request r with KV head h and its
+group of query heads, so a GPU build can hand the same indptr/indices to FlashInfer). Per layer,
+K, V, log beta and the position are stored in one pass, then attention reads only live
+head-slots: Triton kernels where they compile for real (CUDA, or `--evict-kernel triton`), the
+vectorised torch paths on CPU. Survivors keep their stored positions (keys are post-RoPE and
+never re-rotated); causality in extend is decided by stored position, not by list order.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from sglang_evict.kernels import head_store, ragged_attention
+
+
+class HeadSlotAttnBackend(AttentionBackend):
+    def __init__(self, runner, cache, config):
+        super().__init__()
+        self.cache = cache
+        self.device = runner.device
+        self.req_to_token = runner.req_to_token_pool.req_to_token
+        use_triton = config.kernel == "triton" or (
+            config.kernel == "auto" and torch.device(runner.device).type == "cuda"
+        )
+        if use_triton:
+            self._store = head_store.store_head_slots
+            self._decode = ragged_attention.ragged_decode_attention
+            self._extend = ragged_attention.ragged_extend_attention
+        else:
+            self._store = head_store.store_head_slots_reference
+            self._decode = ragged_attention.ragged_decode_attention_torch
+            self._extend = ragged_attention.ragged_extend_attention_torch
+
+    def init_forward_metadata(self, forward_batch):
+        if forward_batch.forward_mode.is_idle():
+            return
+        self.cache.prepare(forward_batch, self.req_to_token)
+
+    def _log_beta(self, layer_id: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        from sglang_evict.patches import gate_attach
+
+        gates = gate_attach.attachment()
+        if gates is not None:
+            pending = gates.pending.pop(layer_id, None)
+            if pending is not None:
+                return pending[0]
+        # No gates: entries carry log beta 0 (beta = 1, never decays); policies that need
+        # scores without gates (streaming, random, knorm) do not read it.
+        return torch.zeros(n, self.cache.num_kv_heads, dtype=torch.float32, device=like.device)
+
+    def _save(self, k, v, layer, forward_batch):
+        n = forward_batch.out_cache_loc.shape[0]
+        H = layer.tp_k_head_num
+        log_beta = self._log_beta(layer.layer_id, n, k)
+        self.cache.store(
+            layer.layer_id,
+            k.view(-1, H, layer.qk_head_dim),
+            v.view(-1, H, layer.v_head_dim),
+            log_beta,
+            forward_batch.positions,
+            self._store,
+        )
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if save_kv_cache and k is not None and v is not None:
+            self._save(k, v, layer, forward_batch)
+        indptr, indices = self.cache.lists.layer(layer.layer_id)
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = self._extend(
+            q_,
+            forward_batch.positions,
+            self.cache.q_req,
+            self.cache.k,
+            self.cache.v,
+            self.cache.pos,
+            indptr,
+            indices,
+            layer.scaling,
+            num_kv_heads=layer.tp_k_head_num,
+        )
+        return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if save_kv_cache and k is not None and v is not None:
+            self._save(k, v, layer, forward_batch)
+        indptr, indices = self.cache.lists.layer(layer.layer_id)
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = self._decode(q_, self.cache.k, self.cache.v, indptr, indices, layer.scaling)
+        return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def support_triton(self):
+        return False

@@ -1,0 +1,204 @@
+"""Head-granular eviction in a real SGLang server (CPU, default model).
+
+Pool sizes are tokens at full size (--max-total-tokens): the head-slot pool holds POOL tokens x
+30 layers x 3 KV heads. With M=8, B=4 a request keeps at most 12 tokens' worth of head-slots
+(plus the step's new token), so 8 requests of 64 tokens (2 fit at full size) run together and
+one request of 4x the pool completes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import pytest
+import requests
+
+from serving_client import generate
+
+POOL = 128
+BUDGET, BUFFER = 8, 4
+LAYERS, KV_HEADS = 30, 3
+TRIGGER = LAYERS * KV_HEADS * (BUDGET + BUFFER)
+
+
+@pytest.fixture(scope="module")
+def none_server():
+    from sglang_evict.server_process import ServerProcess
+
+    args = ["--evict-policy", "none", "--disable-radix-cache", "--max-total-tokens", "4096"]
+    with ServerProcess(args) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def evict_server(test_gates_path):
+    from sglang_evict.server_process import ServerProcess
+
+    args = [
+        "--evict-policy", "retention-global",
+        "--evict-gates", str(test_gates_path),
+        "--evict-budget", str(BUDGET),
+        "--evict-buffer", str(BUFFER),
+        "--disable-radix-cache",
+        "--max-total-tokens", str(POOL),
+        "--max-running-requests", "8",
+    ]
+    with ServerProcess(args) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def small_vanilla_server():
+    from sglang_evict.server_process import ServerProcess
+
+    with ServerProcess(["--disable-radix-cache", "--max-total-tokens", str(POOL)]) as srv:
+        yield srv
+
+
+def _long_generate(server, prompt_ids, max_new_tokens, timeout=900):
+    return requests.post(
+        server.url + "/generate",
+        json={
+            "input_ids": prompt_ids,
+            "sampling_params": {
+                "temperature": 0,
+                "max_new_tokens": max_new_tokens,
+                "ignore_eos": True,
+            },
+        },
+        timeout=timeout,
+    )
+
+
+def _evict_meta(body: dict) -> dict:
+    entries = body["meta_info"]["sglang_evict"]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+PROMPTS = [
+    "The capital of France is",
+    "List three prime numbers:",
+    "def fibonacci(n):",
+]
+
+
+def test_policy_none_equals_vanilla(server, none_server, hf_model):
+    """The head-slot backend without eviction gives vanilla SGLang's greedy tokens."""
+    _, tokenizer = hf_model
+    for text in PROMPTS:
+        ids = tokenizer(text)["input_ids"]
+        vanilla = generate(server, ids, 24)
+        ours = generate(none_server, ids, 24)
+        assert ours["output_ids"] == vanilla["output_ids"], text
+        meta = _evict_meta(ours)
+        n = len(ids) + len(ours["output_ids"]) - 1  # the last sampled token has no KV yet
+        assert meta["evicted_head_slots"] == 0
+        assert meta["live_head_slots"] == meta["full_head_slots"] == n * LAYERS * KV_HEADS
+
+
+def test_budget_holds_at_every_step_and_frees_memory(evict_server, hf_model):
+    _, tokenizer = hf_model
+    ids = tokenizer("Tell me about the history of Rome. " * 12)["input_ids"]
+    assert len(ids) > BUDGET + BUFFER  # the prefill alone triggers eviction
+    r = _long_generate(evict_server, ids, 120)
+    r.raise_for_status()
+    body = r.json()
+    assert body["meta_info"]["finish_reason"]["type"] == "length"
+    meta = _evict_meta(body)
+    assert meta["budget_trigger_head_slots"] == TRIGGER
+    # The peak is taken after the evictor ran in every step, so the budget held at every step.
+    assert 0 < meta["peak_live_head_slots"] <= TRIGGER
+    assert meta["live_head_slots"] <= TRIGGER
+    assert meta["evictions"] > 1 and meta["evicted_head_slots"] > 0
+    assert meta["pool_free_after_last_eviction"] > meta["pool_free_before_last_eviction"]
+    full = (len(ids) + 120 - 1) * LAYERS * KV_HEADS
+    assert meta["full_head_slots"] == full
+    assert meta["live_head_slots"] + meta["evicted_head_slots"] == full
+    assert meta["compression_ratio"] == pytest.approx(full / meta["live_head_slots"])
+
+
+def test_generation_4x_the_pool_completes_only_with_eviction(
+    evict_server, small_vanilla_server, hf_model
+):
+    _, tokenizer = hf_model
+    ids = tokenizer("Write a very long story about a dragon.")["input_ids"]
+    n = 4 * POOL
+    # Vanilla SGLang on the same pool cannot hold the sequence: it never admits it (the request
+    # waits in the queue; SGLang reserves prompt + max_new_tokens before prefilling) or, if it
+    # answers, the answer is an error or an abort, never the full generation.
+    log_before = small_vanilla_server.log_path.read_text(errors="replace")
+    try:
+        r = _long_generate(small_vanilla_server, ids, n, timeout=90)
+    except requests.exceptions.ReadTimeout:
+        log = small_vanilla_server.log_path.read_text(errors="replace")[len(log_before):]
+        assert "Prefill batch" not in log and "Decode batch" not in log
+    else:
+        if r.status_code == 200:
+            meta = r.json()["meta_info"]
+            assert meta["finish_reason"]["type"] != "length" or meta["completion_tokens"] < n
+        else:
+            assert r.status_code >= 400
+    # With eviction the same request completes, never holding more than its budget.
+    r = _long_generate(evict_server, ids, n)
+    r.raise_for_status()
+    body = r.json()
+    assert body["meta_info"]["finish_reason"]["type"] == "length"
+    assert body["meta_info"]["completion_tokens"] == n
+    meta = _evict_meta(body)
+    assert meta["peak_live_head_slots"] <= TRIGGER
+    assert meta["full_head_slots"] > 4 * POOL * LAYERS * KV_HEADS
+
+
+def test_8_concurrent_requests_in_a_pool_that_fits_2(evict_server, hf_model):
+    _, tokenizer = hf_model
+    prompts = [tokenizer(f"Story number {i}: once upon a time")["input_ids"] for i in range(8)]
+    new_tokens = [POOL // 2 - len(p) for p in prompts]  # 2 fit the pool at full size
+    assert all(2 * (len(p) + k) == POOL for p, k in zip(prompts, new_tokens))
+    log_before = evict_server.log_path.read_text(errors="replace")
+    with cf.ThreadPoolExecutor(8) as ex:
+        futs = [ex.submit(_long_generate, evict_server, p, k) for p, k in zip(prompts, new_tokens)]
+        bodies = [f.result() for f in futs]
+    for r, k in zip(bodies, new_tokens):
+        r.raise_for_status()
+        body = r.json()
+        assert body["meta_info"]["finish_reason"]["type"] == "length"
+        assert body["meta_info"]["completion_tokens"] == k
+        # SGLang's own count of retractions for this request.
+        assert body["meta_info"]["num_retractions"] == 0
+        assert _evict_meta(body)["peak_live_head_slots"] <= TRIGGER
+    log = evict_server.log_path.read_text(errors="replace")[len(log_before):]
+    assert "Retract requests" not in log
+    # The 8 ran together: SGLang's decode log reports the running batch size.
+    assert "#running-req: 8" in log
+
+
+def test_per_request_policy_override_and_bad_overrides(evict_server, hf_model):
+    """custom_params.sglang_evict picks the policy and budget of one request; a malformed one is
+    refused with the request (HTTP 400 naming the field) and the server keeps serving."""
+    _, tokenizer = hf_model
+    ids = tokenizer("Tell me about the history of Rome. " * 4)["input_ids"]
+
+    def run(override):
+        params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True,
+                  "custom_params": {"sglang_evict": override}}
+        return requests.post(evict_server.url + "/generate",
+                             json={"input_ids": ids, "sampling_params": params}, timeout=300)
+
+    full = run({"policy": "none"})
+    full.raise_for_status()
+    meta = _evict_meta(full.json())
+    assert meta["policy"] == {"policy": "none"} and meta["evicted_head_slots"] == 0
+    assert meta["live_head_slots"] == (len(ids) + 15) * LAYERS * KV_HEADS
+    small = run({"policy": "streaming", "budget": 4, "buffer": 2, "sinks": 1})
+    small.raise_for_status()
+    meta = _evict_meta(small.json())
+    assert meta["policy"]["policy"] == "streaming" and meta["policy"]["budget"] == 4
+    assert meta["budget_trigger_head_slots"] == LAYERS * KV_HEADS * 6
+    assert meta["peak_live_head_slots"] <= LAYERS * KV_HEADS * 6
+    bad = run({"budget": 0})
+    assert bad.status_code == 400 and "--evict-budget must be >= 1" in bad.text
+    bad = run({"budgets": 8})
+    assert bad.status_code == 400 and "unknown field(s) budgets" in bad.text
+    ok = generate(evict_server, ids, 4)
+    assert len(ok["output_ids"]) == 4
