@@ -263,9 +263,11 @@ def request_config(custom_params) -> EvictConfig | None:
         base["budget"] = None
     base.update(override)
     try:
-        return EvictConfig(**base)
+        cfg = EvictConfig(**base)
+        cfg.check_gates_present()
     except Exception as e:  # EvictConfigError: phrased with flags; name the request field
         raise ValueError(f"custom_params.{REQUEST_KEY}: {e}") from None
+    return cfg
 
 
 def after_sampling_verify(result, params, *args, **kwargs):

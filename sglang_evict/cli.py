@@ -3,6 +3,8 @@
     sglang-evict model [--force]     materialise the default model, print its folder
     sglang-evict serve [SGLANG ARGS] SGLang's server with this plugin (see serve.py)
     sglang-evict demo  [SGLANG ARGS] start a server on loopback, send real requests, stop it
+    sglang-evict train --config FILE.json|toml [--FIELD VALUE ...] [--resume] [--export-only]
+                                     train retention gates on a frozen model (see train.py)
 
 Heavy imports (torch, sglang) happen inside the subcommands so `--help` and the start-up
 checks answer at once.
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from sglang_evict import demo
 
         return demo.main(rest)
+    if command == "train":
+        from sglang_evict import train
+
+        return train.main(rest)
     print(f"sglang-evict: error: unknown command {command!r}\nusage:\n{USAGE}", file=sys.stderr)
     return 2
 

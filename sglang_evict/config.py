@@ -96,11 +96,6 @@ class EvictConfig:
                 raise EvictConfigError(f"{flag} must be >= 0, got {getattr(self, name)}")
         if self.oversubscribe < 1:
             raise EvictConfigError(f"--evict-oversubscribe must be >= 1, got {self.oversubscribe}")
-        if self.policy.startswith("retention") and self.gates is None:
-            raise EvictConfigError(
-                f"--evict-policy {self.policy} scores entries with retention gates: pass "
-                "--evict-gates PATH"
-            )
         if self.min_per_head:
             if self.policy == "retention":
                 raise EvictConfigError(
@@ -115,6 +110,15 @@ class EvictConfig:
     @property
     def active(self) -> bool:
         return self.gates is not None or self.evicting
+
+    def check_gates_present(self) -> None:
+        """The retention policies score entries with gates; `sglang-evict serve` fills in the
+        packaged gates for the default model before calling this."""
+        if self.policy is not None and self.policy.startswith("retention") and self.gates is None:
+            raise EvictConfigError(
+                f"--evict-policy {self.policy} scores entries with retention gates: pass "
+                "--evict-gates PATH (the default model has packaged gates)"
+            )
 
     @property
     def virtual_factor(self) -> int:

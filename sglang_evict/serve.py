@@ -31,6 +31,10 @@ from sglang_evict.config import (
 # free RAM (about 14 GiB of KV for the default model), which also makes start-up take ~25 s.
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
+# Trained gates for the default model (SmolLM2-135M-Instruct, DBTrimKV shared projection, trained
+# at budget M=128 by `sglang-evict train`; package data).
+DEFAULT_GATES = Path(__file__).parent / "default_gates" / "smollm2_135m_instruct_m128.safetensors"
+
 CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--device", "cpu"),
     ("--attention-backend", "torch_native"),
@@ -174,6 +178,23 @@ def with_eviction_settings(config: EvictConfig, argv: list[str]) -> list[str]:
     return out
 
 
+def with_default_gates(config: EvictConfig, model_path: str) -> EvictConfig:
+    """A retention policy on the default model without --evict-gates uses the trained gates
+    shipped in the package."""
+    import dataclasses
+
+    from sglang_evict import default_model
+
+    wants = config.policy is not None and config.policy.startswith("retention")
+    if not wants or config.gates is not None or not DEFAULT_GATES.is_file():
+        return config
+    try:
+        is_default = Path(model_path).expanduser().resolve() == default_model.default_model_dir().resolve()
+    except OSError:
+        return config
+    return dataclasses.replace(config, gates=str(DEFAULT_GATES)) if is_default else config
+
+
 def prepare_argv(argv: list[str]) -> tuple[EvictConfig, list[str]]:
     """Fill in the defaults and run the start-up checks; return the plugin's settings and
     SGLang's argv."""
@@ -186,6 +207,11 @@ def prepare_argv(argv: list[str]) -> tuple[EvictConfig, list[str]]:
 
         out = ["--model-path", str(default_model.resolve())] + out
     check_model_path(flag_value(out, "--model-path"))
+    config = with_default_gates(config, flag_value(out, "--model-path"))
+    try:
+        config.check_gates_present()
+    except EvictConfigError as e:
+        raise StartupError(str(e)) from None
     if config.gates is not None:
         check_gates(config, flag_value(out, "--model-path"))
     if config.evicting:

@@ -86,7 +86,6 @@ def test_eviction_flags_parse_and_build_the_evictor(tmp_path):
         (["--evict-policy", "streaming", "--evict-budget", "x"], "must be an integer"),
         (["--evict-policy", "none", "--evict-budget", "8"], "no effect with --evict-policy none"),
         (["--evict-budget", "8"], "--evict-budget without --evict-policy"),
-        (["--evict-policy", "retention-global", "--evict-budget", "8"], "pass --evict-gates"),
         (["--evict-policy", "streaming", "--evict-budget", "8", "--evict-window", "-1"],
          "--evict-window must be >= 0"),
         (["--evict-policy", "streaming", "--evict-budget", "8", "--evict-min-per-head", "9"],
@@ -124,3 +123,9 @@ def test_per_request_override_merges_over_the_server_settings(monkeypatch):
     monkeypatch.setattr(head_evict._state, "config", EvictConfig())
     with pytest.raises(ValueError, match="started without --evict-policy"):
         head_evict.request_config({"sglang_evict": {"budget": 8}})
+
+
+def test_retention_needs_gates():
+    config, _ = split_argv(["--evict-policy", "retention-global", "--evict-budget", "8"])
+    with pytest.raises(EvictConfigError, match="pass --evict-gates PATH"):
+        config.check_gates_present()

@@ -70,3 +70,26 @@ def test_eviction_refuses_conflicting_settings(default_model_path, monkeypatch):
         )
     with pytest.raises(serve.StartupError, match="--page-size 1"):
         _evict_argv(default_model_path, monkeypatch, "--disable-radix-cache", "--page-size", "16")
+
+
+def test_retention_on_the_default_model_uses_the_packaged_gates(
+    default_model_path, monkeypatch, tmp_path
+):
+    import pytest
+
+    fake = tmp_path / "gates.safetensors"
+    monkeypatch.setattr(serve, "DEFAULT_GATES", fake)
+    monkeypatch.setattr(serve, "check_gates", lambda config, path: None)
+    monkeypatch.setattr(serve, "cuda_available", lambda: False)
+    monkeypatch.setattr(serve, "check_port", lambda host, port: None)
+    argv = ["--model-path", str(default_model_path), "--evict-policy", "retention-global",
+            "--evict-budget", "8", "--disable-radix-cache"]
+    with pytest.raises(serve.StartupError, match="pass --evict-gates PATH"):
+        serve.prepare_argv(argv)  # no packaged file yet
+    fake.write_bytes(b"x")
+    config, _ = serve.prepare_argv(argv)
+    assert config.gates == str(fake)
+    other = tmp_path / "other"
+    other.mkdir()
+    plain = config.__class__(policy="retention", budget=8)
+    assert serve.with_default_gates(plain, str(other)).gates is None

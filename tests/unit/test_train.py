@@ -1,0 +1,173 @@
+"""Gate training (sglang_evict.train) on a tiny randomly initialised Llama: the student equals
+the teacher at β = 1, training lowers the loss and pulls the live count towards M, resume is
+exact, and the exported checkpoint is the trained gates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_evict import train as tr
+from sglang_evict.gate_checkpoint import load_gates, load_gates_for_model, read_gate_header
+from sglang_evict.gates import GateConfig, RetentionGates
+
+LENGTH = 192  # tokens per training sequence: enough for the chat template and a needle
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, default_model_path):
+    """2 layers, hidden 64, 4 query / 2 KV heads, the default model's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(model_dir: Path, out_dir: Path, **overrides) -> tr.TrainConfig:
+    values = dict(
+        model=str(model_dir), out_dir=str(out_dir), lengths=[LENGTH],
+        tasks=["niah_single_1", "essay"], budget=8, gate_hidden=16, bias_init=3.0,
+        steps=4, lr=0.05, warmup_steps=0, checkpoint_every=100, progress=False,
+        loss_chunk=64, attn_chunk=64,
+    )
+    values.update(overrides)
+    return tr.load_config(None, values)
+
+
+def test_student_equals_teacher_when_beta_is_one(tiny_model_dir):
+    model = tr.load_base_model(tiny_model_dir)
+    # z = 1e4 makes logsigmoid(z) exactly 0 in float32: β = 1, nothing decays.
+    gates = RetentionGates(
+        GateConfig.from_hf_config(model.config, gate_hidden=4, bias_init=1e4), init_std=0.0
+    )
+    attachment = tr.GateAttachment(model, gates)
+    ids = torch.randint(0, model.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        teacher = model(input_ids=ids, use_cache=False).logits
+        student = tr.student_logits(model, attachment, ids)
+    assert all(bool((lb == 0).all()) for lb in attachment.log_betas)
+    assert model.config._attn_implementation == "sdpa"  # restored after the student
+    torch.testing.assert_close(student, teacher, rtol=1e-5, atol=1e-5)
+    # Decaying gates do change the output.
+    lowered = RetentionGates(GateConfig.from_hf_config(model.config, gate_hidden=4, bias_init=0.0))
+    with torch.no_grad():
+        other = tr.student_logits(model, tr.GateAttachment(model, lowered), ids)
+    assert (other - teacher).abs().max() > 1e-3
+
+
+def test_training_lowers_loss_and_moves_live_count_towards_budget(tiny_model_dir, tmp_path):
+    config = _config(tiny_model_dir, tmp_path / "run", steps=6, tasks=["niah_single_1"])
+    trainer = tr.Trainer(config)
+    probe = torch.tensor([trainer.data.sample(1000)["input_ids"]])
+
+    def probe_losses():
+        out = tr.forward_backward(trainer.model, trainer.attachment, probe, config)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    before = probe_losses()
+    assert before.live > 2 * config.budget  # the capacity term is active
+    result = trainer.run()
+    after = probe_losses()
+    assert result["status"] == "completed" and result["step"] == 6
+    assert after.total < before.total
+    assert after.cap < before.cap
+    assert abs(after.live - config.budget) < abs(before.live - config.budget)
+    out = Path(config.out_dir)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert {"loss", "kl", "ce", "cap", "live", "lr"} <= set(rows[0])
+    assert (out / "log.csv").read_text().startswith("step,loss,kl,ce")
+    assert (out / "loss_curve.png").stat().st_size > 1000
+
+
+def test_resume_gives_the_same_next_loss(tiny_model_dir, tmp_path):
+    straight = tr.Trainer(_config(tiny_model_dir, tmp_path / "a"))
+    straight.run()
+    paused = tr.Trainer(_config(tiny_model_dir, tmp_path / "b"))
+    assert paused.run(stop_at=2)["status"] == "paused"
+    resumed = tr.Trainer(_config(tiny_model_dir, tmp_path / "b"), resume=True)
+    assert (resumed.step, resumed.cursor) == (2, 2)
+    resumed.run()
+    for key in ("loss", "kl", "ce", "cap", "live", "lr", "tasks"):
+        assert [r[key] for r in resumed.history] == [r[key] for r in straight.history], key
+    for name, value in straight.gates.state_dict().items():
+        assert torch.equal(value, resumed.gates.state_dict()[name]), name
+    rows = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
+    # A fresh run never overwrites a run's checkpoint.
+    with pytest.raises(tr.TrainConfigError, match="--resume"):
+        tr.Trainer(_config(tiny_model_dir, tmp_path / "b"))
+    # A resume that would change the computation is refused.
+    with pytest.raises(tr.TrainConfigError, match="lr"):
+        tr.Trainer(_config(tiny_model_dir, tmp_path / "b", lr=0.1), resume=True)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["trimkv", "dbtrimkv"])
+def test_cli_run_exports_gates_that_load_for_serving(tiny_model_dir, tmp_path, shared, capsys):
+    config_file = tmp_path / "train.toml"
+    config_file.write_text(
+        f'model = "{tiny_model_dir}"\nout_dir = "{tmp_path / "run"}"\n'
+        f"lengths = [{LENGTH}]\ntasks = [\"essay\"]\nbudget = 8\ngate_hidden = 16\n"
+        "bias_init = 3.0\nlr = 0.05\nwarmup_steps = 0\nprogress = false\n"
+    )
+    export = tmp_path / "export" / "gates.safetensors"
+    code = tr.main([
+        "--config", str(config_file), "--steps", "2", "--export", str(export),
+        "--shared-projection", str(shared).lower(),
+    ])
+    assert code == 0, capsys.readouterr().err
+    state = torch.load(tmp_path / "run" / tr.CHECKPOINT_FILE, weights_only=False)
+    assert state["step"] == 2 and state["cursor"] == 2
+    assert {"optimizer", "scheduler", "rng", "history", "config"} <= set(state)
+    trained = RetentionGates(GateConfig.from_dict(state["gate_config"]), init_std=0.0)
+    trained.load_state_dict(state["gates"])
+
+    hf_config = json.loads((tiny_model_dir / "config.json").read_text())
+    for path in (tmp_path / "run" / tr.EXPORT_FILE, export):
+        header = read_gate_header(path)
+        assert header.config.budget == 8 and header.config.gate_hidden == 16
+        assert header.config.shared_projection is shared
+        assert header.training["steps"] == 2 and header.training["stopped"] == "completed"
+        for loaded in (load_gates(path), load_gates_for_model(path, hf_config)):
+            x = torch.randn(2, 11, 64, generator=torch.Generator().manual_seed(2))
+            for layer in range(2):
+                assert torch.equal(loaded.forward_layer(layer, x), trained.forward_layer(layer, x))
+    # Training moved the gates away from their initialisation.
+    init = RetentionGates(trained.config, seed=0)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(init.state_dict().values(), trained.state_dict().values())
+    )
+    keys = set(trained.state_dict())
+    assert ("shared.w2.weight" in keys) is shared
+
+
+def test_bad_inputs_fail_clearly(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(tr.TrainConfigError, match="budget"):
+        _config(tiny_model_dir, tmp_path, budget=0)
+    with pytest.raises(tr.TrainConfigError, match="unknown config field"):
+        tr.load_config(None, {"budgett": 3})
+    with pytest.raises(tr.TrainConfigError, match="does not exist"):
+        tr.Trainer(_config(tmp_path / "missing", tmp_path / "run"))
+    with pytest.raises(tr.TrainConfigError, match="tasks"):
+        _config(tiny_model_dir, tmp_path, tasks=["nope"])
+    with pytest.raises(tr.TrainConfigError, match="no checkpoint"):
+        tr.Trainer(_config(tiny_model_dir, tmp_path / "empty"), resume=True)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"steps": 0}')
+    assert tr.main(["--config", str(bad)]) == 2
+    assert "steps must be an integer >= 1" in capsys.readouterr().err
+    assert tr.main(["--config", str(tmp_path / "none.toml")]) == 2
+    assert tr.main(["--lr", "fast"]) == 2
