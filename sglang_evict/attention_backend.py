@@ -15,6 +15,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_evict.kernels import head_store, ragged_attention
+from sglang_evict.patches import gate_attach
 
 
 class HeadSlotAttnBackend(AttentionBackend):
@@ -41,8 +42,6 @@ class HeadSlotAttnBackend(AttentionBackend):
         self.cache.prepare(forward_batch, self.req_to_token)
 
     def _log_beta(self, layer_id: int, n: int, like: torch.Tensor) -> torch.Tensor:
-        from sglang_evict.patches import gate_attach
-
         gates = gate_attach.attachment()
         if gates is not None:
             pending = gates.pending.pop(layer_id, None)

@@ -72,7 +72,11 @@ class EvictConfig:
         if self.gates is not None and not os.path.exists(self.gates):
             raise EvictConfigError(f"--evict-gates: {self.gates} does not exist")
         if self.policy is None:
-            tuned = [f for f, name, _ in FLAGS[3:] if getattr(self, name) != _DEFAULTS[name]]
+            tuned = [
+                flag
+                for flag, name, _ in FLAGS
+                if name not in ("gates", "kernel") and getattr(self, name) != _DEFAULTS[name]
+            ]
             if tuned:
                 raise EvictConfigError(
                     f"{', '.join(tuned)} without --evict-policy: choose a policy "

@@ -187,7 +187,9 @@ class Evictor:
             if not bool(full.any()):
                 return EvictionResult(0, live_before, live_before)
 
-        scores = self._scores(slots, live, positions.to(dev), seq_len, log_beta_slots, k_slots)
+        scores = self.score_entries(
+            slots, live, positions.to(dev), seq_len, log_beta_slots, k_slots
+        )
         cols = scores.view(n, L * H)  # column = (layer, head), rows = tokens
 
         if cfg.mode == "global":
@@ -211,23 +213,28 @@ class Evictor:
         return EvictionResult(evicted, live_before, live_before - evicted)
 
     # ------------------------------------------------------------------ scoring
-    def _scores(
+    def score_entries(
         self,
         slots: torch.Tensor,
         live: torch.Tensor,
         positions: torch.Tensor,
-        seq_len: int,
+        seq_len: int | torch.Tensor,
         log_beta_slots: torch.Tensor | None,
         k_slots: torch.Tensor | None,
     ) -> torch.Tensor:
-        """float32 [n*L, H]: policy scores, non-live -inf, live never below the lowest finite."""
+        """float32 [n*L, H]: policy scores of n tokens' entries (slots/live [n, L, H]), non-live
+        -inf, live never below the lowest finite. seq_len is the length of the one sequence
+        they belong to, or int64 [n] per token when they come from several sequences."""
         policy = self.config.policy
         n = slots.shape[0]
         L, H = self.num_layers, self.num_kv_heads
         safe = slots.clamp(min=0).long().view(n * L, H)
         live2 = live.view(n * L, H)
         pos = positions.long().repeat_interleave(L)  # row = token * L + layer
-        t = torch.full_like(pos, seq_len)
+        if isinstance(seq_len, torch.Tensor):
+            t = seq_len.to(pos.device, torch.long).repeat_interleave(L)
+        else:
+            t = torch.full_like(pos, seq_len)
         log_beta = None
         if log_beta_slots is not None:
             log_beta = log_beta_slots.to(pos.device)[safe].float().masked_fill(~live2, 0.0)

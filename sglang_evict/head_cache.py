@@ -24,14 +24,13 @@ head-slots too.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
 from sglang_evict.evictor import Evictor
 from sglang_evict.head_slots import EVICTED, HeadSlotPool, HeadSlotPoolFull
-from sglang_evict.policies import EvictionPolicy, ScoreInputs, keep_mask
+from sglang_evict.policies import keep_mask
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +107,6 @@ class HeadKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         evictor: Evictor | None,
-        protect: EvictionPolicy | None = None,
     ):
         self.device = torch.device(device)
         self.pool = HeadSlotPool(num_virtual, num_layers, num_kv_heads, capacity, self.device)
@@ -118,10 +116,9 @@ class HeadKVCache:
         self.v = torch.zeros(capacity, v_head_dim, dtype=dtype, device=self.device)
         self.log_beta = torch.zeros(capacity, dtype=torch.float32, device=self.device)
         self.pos = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        # Also scores entries for cross-request reclaim; without one (policy none) nothing may
+        # be reclaimed.
         self.evictor = evictor
-        # The policy that scores entries for cross-request reclaim; without an evictor
-        # (policy none) nothing may be reclaimed.
-        self.policy = evictor.config.policy if evictor is not None else protect
         self.rows: dict[int, RowStats] = {}
         # Per-request policy overrides (row -> its evictor, None = never evict this request).
         self.row_evictors: dict[int, Evictor | None] = {}
@@ -239,33 +236,24 @@ class HeadKVCache:
         """Free at least `deficit` head-slots, lowest score first across every request that holds
         any (DBTrimKV's rule applied to the whole pool); protected entries are never taken.
         Returns the number freed (less than deficit only when too much is protected)."""
-        if self.policy is None or self.evictor is None or not self.rows:
+        if self.evictor is None or not self.rows:
             return 0
         rows = list(self.rows)
-        lens = [self.rows[r].seq_len for r in rows]
-        parts = [req_to_token[r, :n].to(self.device, torch.long) for r, n in zip(rows, lens)]
-        tokens = torch.cat(parts)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-        seq_len = torch.cat(
-            [torch.full((n,), n, dtype=torch.long, device=self.device) for n in lens]
+        lens = torch.tensor([self.rows[r].seq_len for r in rows], device=self.device)
+        tokens = torch.cat(
+            [req_to_token[r, :n].to(self.device, torch.long) for r, n in zip(rows, lens.tolist())]
         )
-        owner = torch.cat(
-            [torch.full((n,), i, dtype=torch.long, device=self.device) for i, n in enumerate(lens)]
-        )
+        owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lens)
+        starts = torch.cumsum(lens, 0) - lens
+        positions = torch.arange(tokens.numel(), device=self.device) - starts[owner]
         L, H = self.num_layers, self.num_kv_heads
         slots = self.pool.slot_map[tokens]  # [n, L, H]
         live = slots != EVICTED
         n = tokens.numel()
-        safe = slots.clamp(min=0).long().view(n * L, H)
         live2 = live.view(n * L, H)
-        log_beta = self.log_beta[safe].masked_fill(~live2, 0.0)
-        keys = self.k[safe] if self.policy.needs_keys else None
-        inputs = ScoreInputs(
-            positions.repeat_interleave(L), seq_len.repeat_interleave(L), H, log_beta, keys
+        scores = self.evictor.score_entries(
+            slots, live, positions, lens[owner], self.log_beta, self.k
         )
-        scores = self.policy.score(inputs)
-        scores = torch.nan_to_num(scores, nan=-3.0e38, posinf=math.inf, neginf=-3.0e38)
-        scores = scores.masked_fill(~live2, -math.inf)
         evictable = int((live2 & torch.isfinite(scores)).sum())
         total_live = int(live2.sum())
         take = min(deficit, evictable)
@@ -292,7 +280,7 @@ class HeadKVCache:
         (sinks plus recent window of every request; a cheap bound, no scoring)."""
         if self.evictor is None:
             return 0
-        pol = self.policy
+        pol = self.evictor.config.policy
         protected = 0
         for st in self.rows.values():
             protected += min(st.seq_len, pol.sinks + pol.window + 1)
