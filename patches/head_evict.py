@@ -150,7 +150,7 @@ def _check_fits(runner, state, n: int) -> None:
             f"the physical pool ({n // 2} tokens; the pool holds {n} tokens at full size), got "
             f"{sa.chunked_prefill_size}"
         )
-    pol = state.policy
+    pol = state.evictor.config.policy if state.evictor is not None else None
     if pol is not None:
         protected = (pol.sinks + pol.window + 1) * runner.max_running_requests
         if protected + chunk > n:

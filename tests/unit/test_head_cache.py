@@ -193,3 +193,20 @@ def test_reset_frees_everything():
     cache.reset()
     assert cache.pool.num_free == cache.capacity and not cache.rows
     cache.pool.check_integrity()
+
+
+def test_start_up_refuses_pools_one_step_could_outgrow():
+    from sglang_evict.patches.head_evict import HeadEvictError, _check_fits
+
+    cache = _cache(64, sinks=4)
+    runner = SimpleNamespace(server_args=SimpleNamespace(chunked_prefill_size=32),
+                             max_running_requests=4)
+    _check_fits(runner, cache, 64)  # 4 x (4 + 0 + 1) protected + 32 <= 64
+    runner.server_args.chunked_prefill_size = 40
+    with pytest.raises(HeadEvictError, match="at most half the physical pool"):
+        _check_fits(runner, cache, 64)
+    runner.server_args.chunked_prefill_size = 32
+    runner.max_running_requests = 8
+    with pytest.raises(HeadEvictError, match="lower --max-running-requests"):
+        _check_fits(runner, cache, 64)
+    _check_fits(runner, _cache(64, policy=None), 64)  # nothing protected without an evictor
