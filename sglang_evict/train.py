@@ -95,6 +95,9 @@ class TrainConfig:
     shared_projection: bool = False  # True: DBTrimKV's final projection shared by all layers
     bias_init: float = 10.0
     init_std: float = 0.02
+    # start from these gates (a checkpoint `load_gates_for_model` accepts: ours or the authors')
+    # instead of a fresh init; their variant, width and projection must match the fields above
+    init_gates: str | None = None
     # loss
     kl_weight: float = 1.0
     ce_weight: float = 1.0
@@ -141,6 +144,8 @@ class TrainConfig:
         need(isinstance(self.shared_projection, bool), "shared_projection", "true or false")
         need(is_num(self.bias_init), "bias_init", "a finite number")
         need(is_num(self.init_std) and self.init_std >= 0, "init_std", "a number >= 0")
+        need(self.init_gates is None or (isinstance(self.init_gates, str) and self.init_gates != ""),
+             "init_gates", "a gate checkpoint path or null")
         for name in ("kl_weight", "ce_weight", "capacity_weight", "weight_decay", "grad_clip"):
             need(is_num(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
         if self.kl_weight == self.ce_weight == self.capacity_weight == 0:
@@ -589,6 +594,8 @@ class Trainer:
         self.gates = RetentionGates(
             gate_config, seed=config.seed, init_std=float(config.init_std), device=self.device
         )
+        if config.init_gates and state is None:
+            self._load_init_gates(config.init_gates)
         self.attachment = GateAttachment(self.model, self.gates, config.attn_chunk)
         self.optimizer = torch.optim.AdamW(
             self.gates.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -620,6 +627,23 @@ class Trainer:
             self.elapsed_before = float(state.get("elapsed_s", 0.0))
             _set_rng_states(state["rng"])
         self._stop_signal = False
+
+    def _load_init_gates(self, path: str) -> None:
+        from sglang_evict.gate_checkpoint import GateCheckpointError, load_gates_for_model
+
+        try:
+            start = load_gates_for_model(path, self.model.config, device=self.device)
+        except GateCheckpointError as err:
+            raise TrainConfigError(f"init_gates: {err}") from None
+        mine, theirs = self.gates.config, start.config
+        differ = [
+            f"{k}: {getattr(theirs, k)!r} in the file, {getattr(mine, k)!r} in the config"
+            for k in ("variant", "gate_hidden", "shared_projection", "activation")
+            if getattr(theirs, k) != getattr(mine, k)
+        ]
+        if differ:
+            raise TrainConfigError(f"init_gates {path} does not fit this config ({'; '.join(differ)})")
+        self.gates.load_state_dict(start.state_dict())
 
     def _check_resume(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
@@ -691,6 +715,7 @@ class Trainer:
             "steps": self.step,
             "target_steps": c.steps,
             "stopped": stopped,
+            "init_gates": c.init_gates,
             "sequences": self.cursor,
             "tokens": int(sum(r["tokens"] for r in self.history)),
             "tasks": list(c.tasks),

