@@ -16,12 +16,18 @@ never happens, and the run fails if it does.
 
     .venv/bin/python -P bench/ruler.py --gates init --lengths 2048 4096 --n 5 \
         --out bench/results/ruler_untrained.json
+
+New gates change only the retention cells: `--reuse EARLIER.json` takes the full-cache and
+baseline rows (which do not read the gates) from an earlier run on the same prompts (the same
+task, length, index and expected answers, and the same buffer and server settings) and
+measures the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import hashlib
 import json
 import math
 import sys
@@ -34,6 +40,8 @@ from tqdm import tqdm
 
 BASELINE = "full"
 POLICIES = ("retention-global", "retention", "streaming", "random", "knorm")
+# The cells whose requests never read the gates' scores.
+GATE_FREE = (BASELINE, "streaming", "random", "knorm")
 DEFAULT_TASKS = ("niah_single_1", "niah_multikey_1", "niah_multivalue", "vt")
 
 
@@ -75,6 +83,39 @@ def override(policy: str, budget: int | None, buffer: int) -> dict:
     return {"policy": policy, "budget": budget, "buffer": buffer}
 
 
+def _row_key(row: dict) -> tuple:
+    return (row["task"], row["length"], row["index"], row["policy"], row["budget"])
+
+
+def reusable_rows(path: Path, samples: list[dict], grid: list, buffer: int,
+                  server_args: list[str]) -> dict[tuple, dict]:
+    """The gate-free rows of an earlier run that this run would measure again, keyed by
+    (task, length, index, policy, budget). Refused unless the earlier run used the same buffer
+    and server settings (gates aside) and every reused prompt has the same expected answers."""
+    earlier = json.loads(Path(path).read_text())
+
+    def without_gates(argv: list[str]) -> list[str]:
+        i = argv.index("--evict-gates")
+        return argv[:i] + argv[i + 2:]
+
+    if earlier["buffer"] != buffer or without_gates(earlier["server_args"]) != without_gates(server_args):
+        raise SystemExit(f"--reuse {path}: it ran with other server settings "
+                         f"({earlier['server_args']}, buffer {earlier['buffer']})")
+    by_key = {_row_key(r): r for r in earlier["rows"]}
+    wanted = {(p, m) for p, m in grid if p in GATE_FREE}
+    reused = {}
+    for s in samples:
+        for p, m in wanted:
+            row = by_key.get((s["task"], s["length"], s["index"], p, m))
+            if row is None:
+                continue
+            if row["outputs"] != s["outputs"]:
+                raise SystemExit(f"--reuse {path}: {s['task']}@{s['length']} #{s['index']} "
+                                 "is another prompt there (other expected answers)")
+            reused[_row_key(row)] = row
+    return reused
+
+
 def run(args) -> dict:
     from sglang_evict import default_model
     from sglang_evict.server_process import ServerProcess
@@ -101,8 +142,10 @@ def run(args) -> dict:
         "--max-running-requests", str(args.concurrency),
         "--chunked-prefill-size", str(args.chunk),
     ]
-    print(f"{len(samples)} prompts x {len(grid)} cells = {len(jobs)} requests; pool {pool} tokens",
-          flush=True)
+    reused = reusable_rows(Path(args.reuse), samples, grid, args.buffer, server_args) if args.reuse else {}
+    jobs = [j for j in jobs if (j[0]["task"], j[0]["length"], j[0]["index"], j[1], j[2]) not in reused]
+    print(f"{len(samples)} prompts x {len(grid)} cells: {len(jobs)} requests, {len(reused)} rows "
+          f"reused from {args.reuse}; pool {pool} tokens", flush=True)
 
     def one(job):
         sample, policy, budget = job
@@ -133,6 +176,7 @@ def run(args) -> dict:
         started = time.time() - t0
         with cf.ThreadPoolExecutor(args.concurrency) as ex:
             rows = list(tqdm(ex.map(one, jobs), total=len(jobs), desc="RULER requests"))
+    rows += [dict(r, reused_from=str(args.reuse)) for r in reused.values()]
     squeezed = [r for r in rows if r["reclaimed_head_slots"]]
     if squeezed:
         raise SystemExit(
@@ -155,8 +199,11 @@ def run(args) -> dict:
                              for t in args.tasks},
             })
     result = {
-        "benchmark": "ruler", "gates": args.gates, "tasks": list(args.tasks),
+        "benchmark": "ruler", "gates": args.gates,
+        "gates_sha256": hashlib.sha256(Path(gates).read_bytes()).hexdigest(),
+        "tasks": list(args.tasks),
         "lengths": list(args.lengths), "n_per_task": args.n, "buffer": args.buffer,
+        "reused_from": args.reuse, "reused_rows": len(reused),
         "server_args": server_args, "server_start_s": started,
         "wall_s": time.time() - t0, "summary": summary, "rows": rows,
     }
@@ -214,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=3)
     p.add_argument("--chunk", type=int, default=1024, help="--chunked-prefill-size")
     p.add_argument("--pool", type=int, default=None, help="--max-total-tokens (physical)")
+    p.add_argument("--reuse", default=None, metavar="EARLIER.json",
+                   help="take the gate-free rows (full cache, baselines) from an earlier run")
     p.add_argument("--out", required=True)
     run(p.parse_args(argv))
     return 0

@@ -8,6 +8,7 @@
               AttentionInterface calls `gated_attention(q, k, v, log β)`
     loss      kl_weight · KL(teacher || student) on next-token distributions
               + ce_weight · next-token cross-entropy of the student
+              (both a weighted mean over positions: the answer's tokens weigh answer_weight)
               + capacity_weight · mean over layers of capacity_loss(expected_live_count(log β), M)
 
 Teacher and student share one model object: the attention implementation is switched for the
@@ -102,6 +103,10 @@ class TrainConfig:
     kl_weight: float = 1.0
     ce_weight: float = 1.0
     capacity_weight: float = 1.0
+    # Weight of an answer token (after the prompt) in the KL and CE means; other tokens weigh 1.
+    # A RULER answer is ~10 of ~2000 tokens, and it is the only place where losing the needle
+    # costs anything: at weight 1 that signal is a few tenths of a percent of the loss.
+    answer_weight: float = 1.0
     # data (sglang_evict.train_data)
     tasks: list[str] = field(default_factory=_default_tasks)
     lengths: list[int] = field(default_factory=lambda: [1024, 2048])
@@ -148,6 +153,7 @@ class TrainConfig:
              "init_gates", "a gate checkpoint path or null")
         for name in ("kl_weight", "ce_weight", "capacity_weight", "weight_decay", "grad_clip"):
             need(is_num(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
+        need(is_num(self.answer_weight) and self.answer_weight > 0, "answer_weight", "a number > 0")
         if self.kl_weight == self.ce_weight == self.capacity_weight == 0:
             raise TrainConfigError("kl_weight, ce_weight and capacity_weight are all 0")
         need(isinstance(self.tasks, list) and len(self.tasks) > 0, "tasks", "a non-empty list")
@@ -417,6 +423,8 @@ class StepLosses:
     cap: float
     live: float  # expected live entries at the last position, mean over layers and heads
     tokens: int
+    # KL per answer token (unweighted mean over the answer); None for a sample without one
+    kl_answer: float | None = None
 
 
 def forward_backward(
@@ -425,9 +433,11 @@ def forward_backward(
     input_ids: torch.Tensor,
     config: TrainConfig,
     scale: float = 1.0,
+    answer_start: int | None = None,
 ) -> StepLosses:
     """Teacher and student forwards on `input_ids` [B, T], the loss, and its backward into the
-    gates' .grad (multiplied by `scale`, e.g. 1 / grad_accum)."""
+    gates' .grad (multiplied by `scale`, e.g. 1 / grad_accum). Tokens from `answer_start` on
+    are the answer: their next-token terms weigh `config.answer_weight`."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, T] with T >= 2, got {tuple(input_ids.shape)}")
     decoder = model.get_decoder()
@@ -450,22 +460,35 @@ def forward_backward(
     # student's hidden state; the summed gradient then goes through the model once.
     labels = input_ids[:, 1:]
     n = labels.numel()
+    # Label j is token j + 1: the answer's labels start at answer_start - 1.
+    weights = torch.ones(labels.shape[1], dtype=torch.float32, device=labels.device)
+    first = None
+    if answer_start is not None and 1 <= answer_start < input_ids.shape[1]:
+        first = answer_start - 1
+        weights[first:] = float(config.answer_weight)
+    w_total = float(weights.sum()) * labels.shape[0]
     h = student_h[:, :-1].detach().requires_grad_(True)
-    kl_sum = ce_sum = ce_t_sum = 0.0
+    kl_sum = ce_sum = ce_t_sum = kl_w_sum = ce_w_sum = kl_ans_sum = 0.0
     for a in range(0, h.shape[1], config.loss_chunk):
         b = min(a + config.loss_chunk, h.shape[1])
         logp_s = F.log_softmax(head(h[:, a:b]).float(), dim=-1)
         with torch.no_grad():
             logp_t = F.log_softmax(head(teacher_h[:, a:b]).float(), dim=-1)
-        target = labels[:, a:b].reshape(-1)
-        kl = (logp_t.exp() * (logp_t - logp_s)).sum()
-        ce = F.nll_loss(logp_s.reshape(-1, logp_s.shape[-1]), target, reduction="sum")
-        part = (config.kl_weight * kl + config.ce_weight * ce) * (scale / n)
+        target = labels[:, a:b]
+        w = weights[a:b]
+        kl_tok = (logp_t.exp() * (logp_t - logp_s)).sum(dim=-1)  # [B, b - a]
+        ce_tok = F.nll_loss(logp_s.transpose(1, 2), target, reduction="none")
+        kl_w, ce_w = (kl_tok * w).sum(), (ce_tok * w).sum()
+        part = (config.kl_weight * kl_w + config.ce_weight * ce_w) * (scale / w_total)
         if part.requires_grad:
             part.backward()
-        kl_sum += float(kl.detach())
-        ce_sum += float(ce.detach())
-        ce_t_sum += float(F.nll_loss(logp_t.reshape(-1, logp_t.shape[-1]), target, reduction="sum"))
+        kl_sum += float(kl_tok.detach().sum())
+        ce_sum += float(ce_tok.detach().sum())
+        kl_w_sum += float(kl_w.detach())
+        ce_w_sum += float(ce_w.detach())
+        if first is not None and b > first:
+            kl_ans_sum += float(kl_tok.detach()[:, max(first - a, 0):].sum())
+        ce_t_sum += float(F.nll_loss(logp_t.transpose(1, 2), target, reduction="sum"))
     roots, grads = [], []
     if h.grad is not None:
         roots.append(student_h[:, :-1])
@@ -476,16 +499,18 @@ def forward_backward(
         grads.append(None)
     if roots:
         torch.autograd.backward(roots, grads)
-    kl_m, ce_m = kl_sum / n, ce_sum / n
     cap_v = float(cap.detach())
+    n_answer = 0 if first is None else (labels.shape[1] - first) * labels.shape[0]
     return StepLosses(
-        total=config.kl_weight * kl_m + config.ce_weight * ce_m + config.capacity_weight * cap_v,
-        kl=kl_m,
-        ce=ce_m,
+        total=(config.kl_weight * kl_w_sum + config.ce_weight * ce_w_sum) / w_total
+        + config.capacity_weight * cap_v,
+        kl=kl_sum / n,
+        ce=ce_sum / n,
         ce_teacher=ce_t_sum / n,
         cap=cap_v,
         live=float(torch.stack(lives).mean()),
         tokens=int(input_ids.numel()),
+        kl_answer=kl_ans_sum / n_answer if n_answer else None,
     )
 
 
@@ -548,6 +573,11 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
     np.random.set_state(states["numpy"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _mean_present(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def _finite(x: Any) -> Any:
@@ -652,10 +682,12 @@ class Trainer:
                 f"expected {CHECKPOINT_VERSION}"
             )
         saved, now = state["config"], self.config.to_dict()
+        # A field newer than the checkpoint had its default value in that run.
+        defaults = TrainConfig().to_dict()
         changed = [
-            f"{k}: {saved.get(k)!r} -> {now[k]!r}"
+            f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}"
             for k in now
-            if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]
+            if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]
         ]
         if changed:
             raise TrainConfigError(
@@ -726,12 +758,15 @@ class Trainer:
             "seed": c.seed,
             "lr": c.lr,
             "grad_accum": c.grad_accum,
-            "loss": f"{c.kl_weight}*KL(teacher||student) + {c.ce_weight}*CE + "
-            f"{c.capacity_weight}*mean_layers relu(live - M)/M",
+            "loss": f"{c.kl_weight}*KL(teacher||student) + {c.ce_weight}*CE "
+            f"(answer tokens x{c.answer_weight}) + {c.capacity_weight}*mean_layers relu(live - M)/M",
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": self.device.type,
             "wall_minutes": round(self.elapsed() / 60, 2),
-            "final_last10": {k: mean(k) for k in ("loss", "kl", "ce", "ce_teacher", "cap", "live")},
+            "answer_weight": c.answer_weight,
+            "final_last10": {
+                k: mean(k) for k in ("loss", "kl", "kl_answer", "ce", "ce_teacher", "cap", "live")
+            },
         }
 
     def export(self, stopped: str = "completed", paths: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
@@ -758,7 +793,8 @@ class Trainer:
         for i in range(c.grad_accum):
             sample = self.data.sample(self.cursor + i)
             ids = torch.tensor([sample["input_ids"]], device=self.device)
-            parts.append(forward_backward(self.model, self.attachment, ids, c, 1.0 / c.grad_accum))
+            parts.append(forward_backward(self.model, self.attachment, ids, c, 1.0 / c.grad_accum,
+                                          answer_start=sample["answer_start"]))
             tasks.append(f"{sample['task']}@{sample['length']}")
         return parts, tasks
 
@@ -789,6 +825,7 @@ class Trainer:
             "ce_teacher": avg("ce_teacher"),
             "cap": avg("cap"),
             "live": avg("live"),
+            "kl_answer": _mean_present([p.kl_answer for p in parts]),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens": sum(p.tokens for p in parts),
@@ -869,8 +906,20 @@ class Trainer:
             signal.signal(sig, handler)
 
 
+def _moving_mean(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` finite values (nan where there are none yet)."""
+    out, recent = [], []
+    for v in values:
+        if not math.isnan(v):
+            recent = (recent + [v])[-window:]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
+    return out
+
+
 def plot_history(history: Sequence[Mapping[str, Any]], path: Path, budget: int | None = None) -> None:
-    """loss_curve.png: total loss, KL, CE (student and teacher), capacity term, live count.
+    """loss_curve.png: total loss, KL (all tokens and the answer's), the student's CE above the
+    teacher's with the capacity term, and the live count. Each step is one mix of tasks and
+    lengths, so steps are dots and a 10-step trailing mean is the line.
     Skipped when matplotlib (the `bench` extra) is not installed: the CSV has the same data."""
     try:
         import matplotlib
@@ -883,26 +932,33 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: Path, budget: int |
     steps = [r["step"] for r in history]
 
     def series(key: str) -> list[float]:
-        return [float("nan") if r.get(key) is None else r[key] for r in history]
+        return [float("nan") if r.get(key) is None else float(r[key]) for r in history]
+
+    def draw(ax, values: list[float], label: str, color: str) -> None:
+        if all(math.isnan(v) for v in values):
+            return
+        ax.plot(steps, values, ".", color=color, alpha=0.35, markersize=4)
+        ax.plot(steps, _moving_mean(values, 10), color=color, label=label)
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    axes[0, 0].plot(steps, series("loss"))
+    draw(axes[0, 0], series("loss"), "total loss", "C0")
     axes[0, 0].set_title("total loss")
-    axes[0, 1].plot(steps, series("kl"))
-    axes[0, 1].set_title("KL(teacher || student)")
-    axes[1, 0].plot(steps, series("ce"), label="student CE")
-    axes[1, 0].plot(steps, series("ce_teacher"), label="teacher CE")
-    axes[1, 0].plot(steps, series("cap"), label="capacity term")
-    axes[1, 0].legend()
-    axes[1, 0].set_title("CE and capacity")
-    axes[1, 1].plot(steps, series("live"), label="expected live (last position)")
+    draw(axes[0, 1], series("kl"), "all tokens", "C0")
+    draw(axes[0, 1], series("kl_answer"), "answer tokens", "C1")
+    axes[0, 1].set_title("KL(teacher || student) per token")
+    ce, ce_t = series("ce"), series("ce_teacher")
+    draw(axes[1, 0], [a - b for a, b in zip(ce, ce_t)], "student CE - teacher CE", "C0")
+    draw(axes[1, 0], series("cap"), "capacity term", "C2")
+    axes[1, 0].set_title("CE excess and capacity")
+    draw(axes[1, 1], series("live"), "expected live (last position)", "C0")
     if budget:
         axes[1, 1].axhline(budget, color="red", linestyle="--", label=f"budget M={budget}")
-    axes[1, 1].legend()
     axes[1, 1].set_title("live entries per (layer, head)")
     for ax in axes.flat:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

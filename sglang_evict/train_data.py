@@ -1189,7 +1189,9 @@ class TrainingData:
         return _scripts(self.tokenizer_path).tokenizer
 
     def sample(self, index: int) -> dict[str, Any]:
-        """Training record `index` plus `input_ids` (the tokens of its `text`)."""
+        """Training record `index` plus `input_ids` (the tokens of its `text`) and
+        `answer_start` (the index of the answer's first token in input_ids; None for plain
+        text)."""
         rng = random.Random(_sample_seed("train", "mix", 0, self.seed, index))
         task = self.task_names[rng.randrange(len(self.task_names))]
         length = self.lengths[rng.randrange(len(self.lengths))]
@@ -1197,7 +1199,16 @@ class TrainingData:
             task, length, split="train", seed=self.seed, index=index,
             tokenizer_path=self.tokenizer_path, chat=self.chat, for_training=True,
         )
-        record["input_ids"] = self.tokenizer.encode(record["text"])[:length]
+        ids = self.tokenizer.encode(record["text"])[:length]
+        record["input_ids"] = ids
+        record["answer_start"] = None
+        if task_spec(task).kind != "essay":
+            # The text is the prompt (trailing space dropped) + " " + answer: the prompt's
+            # tokens are the text's up to where the two tokenisations first differ.
+            prompt = self.tokenizer.encode(record["input"].rstrip(" "))
+            start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b),
+                         min(len(prompt), len(ids)))
+            record["answer_start"] = start if start < len(ids) else None
         return record
 
 

@@ -35,10 +35,31 @@ def server(default_model_path):
 
 
 @pytest.fixture(scope="session")
-def test_gates_path(default_model_path, tmp_path_factory):
+def trained_test_gates(default_model_path, tmp_path_factory):
+    """(the gates module of a training run, the checkpoint it exported). The run is one step
+    of `sglang-evict train` on the default model from the input-dependent test gates, so the
+    servers below serve a file written by training."""
     from gate_fixtures import write_test_gates
 
-    return write_test_gates(default_model_path, tmp_path_factory.mktemp("gates") / "gates.safetensors")
+    from sglang_evict import train as tr
+    from sglang_evict.gate_checkpoint import read_gate_header
+
+    root = tmp_path_factory.mktemp("gates")
+    init = write_test_gates(default_model_path, root / "init.safetensors")
+    config = tr.load_config(None, {
+        "init_gates": str(init), "out_dir": str(root / "run"),
+        "gate_hidden": read_gate_header(init).config.gate_hidden, "bias_init": 2.0,
+        "tasks": ["niah_single_1"], "lengths": [256], "steps": 1, "lr": 1e-3,
+        "warmup_steps": 0, "progress": False,
+    })
+    trainer = tr.Trainer(config)
+    assert trainer.run()["status"] == "completed"
+    return trainer.gates, root / "run" / tr.EXPORT_FILE
+
+
+@pytest.fixture(scope="session")
+def test_gates_path(trained_test_gates):
+    return trained_test_gates[1]
 
 
 @pytest.fixture(scope="session")

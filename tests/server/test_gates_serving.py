@@ -1,5 +1,6 @@
 """Retention gates inside the real server: log beta computed during the forward pass and
-stored beside the KV equals an HF-transformers computation of the same gates; attaching gates
+stored beside the KV equals an HF-transformers computation of the same gates (the module of
+the training run that wrote the served checkpoint); attaching gates
 (eviction off) leaves greedy outputs unchanged; cached prefixes keep their pinned scores."""
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ def evict_stats(response) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gates(test_gates_path):
-    from sglang_evict.gate_checkpoint import load_gates
+def gates(trained_test_gates):
+    """The training run's own gates module; the servers load the file it exported."""
+    from sglang_evict.gate_checkpoint import read_gate_header
 
-    return load_gates(test_gates_path)
+    module, path = trained_test_gates
+    assert read_gate_header(path).training["steps"] == 1
+    return module
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -113,6 +113,14 @@ def test_resume_gives_the_same_next_loss(tiny_model_dir, tmp_path):
     # A resume that would change the computation is refused.
     with pytest.raises(tr.TrainConfigError, match="lr"):
         tr.Trainer(_config(tiny_model_dir, tmp_path / "b", lr=0.1), resume=True)
+    # A checkpoint from before a config field existed ran with that field's default.
+    ckpt = tmp_path / "b" / tr.CHECKPOINT_FILE
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["answer_weight"]
+    torch.save(state, ckpt)
+    assert tr.Trainer(_config(tiny_model_dir, tmp_path / "b", steps=5), resume=True).step == 4
+    with pytest.raises(tr.TrainConfigError, match="answer_weight: 1.0 -> 5.0"):
+        tr.Trainer(_config(tiny_model_dir, tmp_path / "b", answer_weight=5.0), resume=True)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["trimkv", "dbtrimkv"])
@@ -196,15 +204,77 @@ def test_init_gates_starts_from_a_checkpoint(tiny_model_dir, tmp_path):
 
 
 def test_shipped_configs_describe_the_default_gates():
-    """The committed configs load, and their gate fields are the committed default gates'."""
+    """The committed configs load, their gate fields are the committed default gates', each
+    later stage starts from the file the one before wrote, and the file's header is the last
+    stage's run."""
     root = Path(__file__).resolve().parents[2]
     header = read_gate_header(tr.DEFAULT_GATES_DIR / "smollm2_135m_instruct_m128.safetensors")
-    stage1 = tr.load_config(root / "configs" / "train_smollm2_m128.toml")
-    stage2 = tr.load_config(root / "configs" / "train_smollm2_m128_stage2.toml")
-    assert stage2.init_gates == stage2.export == stage1.export
-    for config in (stage1, stage2):
+    stages = [tr.load_config(root / "configs" / name) for name in (
+        "train_smollm2_m128.toml", "train_smollm2_m128_stage2.toml", "train_smollm2_m128_stage3.toml",
+    )]
+    for before, after in zip(stages, stages[1:]):
+        assert after.init_gates == after.export == before.export
+    for config in stages:
         assert (config.budget, config.gate_hidden, config.variant, config.shared_projection) == (
             header.config.budget, header.config.gate_hidden, header.config.variant,
             header.config.shared_projection,
         )
-        assert config.tasks == stage1.tasks
+    last = stages[-1]
+    assert header.training["init_gates"] == last.init_gates
+    assert (header.training["tasks"], header.training["lengths"], header.training["seed"]) == (
+        last.tasks, last.lengths, last.seed,
+    )
+    assert header.training["answer_weight"] == last.answer_weight
+    assert header.training["steps"] == last.steps and header.training["stopped"] == "completed"
+
+
+def test_answer_tokens_weigh_answer_weight(tiny_model_dir, tmp_path):
+    """The KL and CE means weigh the answer's tokens by answer_weight: the loss and the gates'
+    gradients equal a direct computation from the full teacher and student logits."""
+    config = _config(tiny_model_dir, tmp_path / "run", tasks=["niah_single_1"], answer_weight=7.0,
+                     bias_init=1.0, capacity_weight=0.5)
+    trainer = tr.Trainer(config)
+    sample = trainer.data.sample(0)
+    ids, start = sample["input_ids"], sample["answer_start"]
+    tokenizer = trainer.data.tokenizer
+    # answer_start splits the tokens into the prompt and the answer.
+    assert 0 < start < len(ids)
+    assert tokenizer.decode(ids[:start]) == sample["input"].rstrip(" ")
+    assert tokenizer.decode(ids[start:]).strip().startswith(sample["outputs"][0])
+    ids = torch.tensor([ids])
+
+    got = tr.forward_backward(trainer.model, trainer.attachment, ids, config, answer_start=start)
+    got_grads = {n: p.grad.clone() for n, p in trainer.gates.named_parameters()}
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        logp_t = torch.log_softmax(trainer.model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
+    logp_s = torch.log_softmax(tr.student_logits(trainer.model, trainer.attachment, ids)[0, :-1], -1)
+    labels = ids[0, 1:]
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    ce = -logp_s.gather(1, labels[:, None])[:, 0]
+    w = torch.ones_like(kl)
+    w[start - 1:] = 7.0
+    from sglang_evict.gated_attention import capacity_loss, expected_live_count
+
+    cap = torch.stack([capacity_loss(expected_live_count(lb), config.budget)
+                       for lb in trainer.attachment.log_betas]).mean()
+    loss = ((kl + ce) * w).sum() / w.sum() + 0.5 * cap
+    loss.backward()
+    assert got.total == pytest.approx(float(loss.detach()), rel=1e-4)
+    assert got.kl == pytest.approx(float(kl.mean()), rel=1e-4)  # logged unweighted
+    assert got.kl_answer == pytest.approx(float(kl[start - 1:].mean()), rel=1e-4)
+    for name, p in trainer.gates.named_parameters():
+        torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-3, atol=1e-7, msg=name)
+    # The weight matters: at weight 1 the same sample gives another loss.
+    trainer.optimizer.zero_grad(set_to_none=True)
+    plain = tr.forward_backward(trainer.model, trainer.attachment, ids,
+                                _config(tiny_model_dir, tmp_path / "p", bias_init=1.0,
+                                        capacity_weight=0.5), answer_start=start)
+    assert plain.total == pytest.approx(float(((kl + ce).mean() + 0.5 * cap).detach()), rel=1e-4)
+    assert abs(plain.total - got.total) > 1e-3
+    # Plain text has no answer.
+    essay = tr.Trainer(_config(tiny_model_dir, tmp_path / "e", tasks=["essay"])).data.sample(0)
+    assert essay["answer_start"] is None
+    with pytest.raises(tr.TrainConfigError, match="answer_weight"):
+        _config(tiny_model_dir, tmp_path / "x", answer_weight=0)
