@@ -83,8 +83,9 @@ def override(policy: str, budget: int | None, buffer: int) -> dict:
     return {"policy": policy, "budget": budget, "buffer": buffer}
 
 
-def _row_key(row: dict) -> tuple:
-    return (row["task"], row["length"], row["index"], row["policy"], row["budget"])
+def _cell_key(sample: dict, policy: str, budget: int | None) -> tuple:
+    """One request's identity: (task, length, index, policy, budget). Rows carry all five."""
+    return (sample["task"], sample["length"], sample["index"], policy, budget)
 
 
 def reusable_rows(path: Path, samples: list[dict], grid: list, buffer: int,
@@ -101,18 +102,19 @@ def reusable_rows(path: Path, samples: list[dict], grid: list, buffer: int,
     if earlier["buffer"] != buffer or without_gates(earlier["server_args"]) != without_gates(server_args):
         raise SystemExit(f"--reuse {path}: it ran with other server settings "
                          f"({earlier['server_args']}, buffer {earlier['buffer']})")
-    by_key = {_row_key(r): r for r in earlier["rows"]}
+    by_key = {_cell_key(r, r["policy"], r["budget"]): r for r in earlier["rows"]}
     wanted = {(p, m) for p, m in grid if p in GATE_FREE}
     reused = {}
     for s in samples:
         for p, m in wanted:
-            row = by_key.get((s["task"], s["length"], s["index"], p, m))
+            key = _cell_key(s, p, m)
+            row = by_key.get(key)
             if row is None:
                 continue
             if row["outputs"] != s["outputs"]:
                 raise SystemExit(f"--reuse {path}: {s['task']}@{s['length']} #{s['index']} "
                                  "is another prompt there (other expected answers)")
-            reused[_row_key(row)] = row
+            reused[key] = row
     return reused
 
 
@@ -143,7 +145,7 @@ def run(args) -> dict:
         "--chunked-prefill-size", str(args.chunk),
     ]
     reused = reusable_rows(Path(args.reuse), samples, grid, args.buffer, server_args) if args.reuse else {}
-    jobs = [j for j in jobs if (j[0]["task"], j[0]["length"], j[0]["index"], j[1], j[2]) not in reused]
+    jobs = [j for j in jobs if _cell_key(*j) not in reused]
     print(f"{len(samples)} prompts x {len(grid)} cells: {len(jobs)} requests, {len(reused)} rows "
           f"reused from {args.reuse}; pool {pool} tokens", flush=True)
 

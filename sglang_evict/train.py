@@ -735,8 +735,7 @@ class Trainer:
         recent = self.history[-10:]
 
         def mean(key: str) -> float | None:
-            values = [r[key] for r in recent if r.get(key) is not None]
-            return _finite(sum(values) / len(values)) if values else None
+            return _finite(_mean_present([r.get(key) for r in recent]))
 
         c = self.config
         return {
