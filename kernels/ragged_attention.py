@@ -38,6 +38,7 @@ Each Triton function has two pure-torch twins with the same signature and contra
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,9 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _BLOCK_N = 32
+# Triton's interpreter runs tl.dot in numpy, which has no bfloat16: there the decode kernel's dots
+# take float32 inputs (on a GPU they stay in the storage dtype, on tensor cores).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -189,9 +193,104 @@ def _check_q_req(q_req, num_req):
         )
 
 
-# ----------------------------------------------------------------------------- Triton kernel
+# ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _ragged_attn_kernel(
+def _decode_split_kernel(
+    q, k_slots, v_slots, indptr, indices, o_part, lse_part,
+    capacity, head_dim, sm_scale,
+    s_q_r, s_q_h, s_q_d,
+    s_k_n, s_k_d,
+    s_v_n, s_v_d,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # Grid: (sequences = requests x KV heads, KV splits). One program holds the whole query group
+    # of its KV head, so each K/V row is read once per group, and scores are one tl.dot per block.
+    seq = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    r = seq // H_KV
+    kvh = seq % H_KV
+    g = tl.arange(0, BLOCK_G).to(tl.int64)
+    g_ok = g < GROUP
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_ok = d < head_dim
+    qmask = g_ok[:, None] & d_ok[None, :]
+    qh = kvh * GROUP + g
+    qt = tl.load(q + r * s_q_r + qh[:, None] * s_q_h + d[None, :] * s_q_d, mask=qmask, other=0.0)
+    dot_ty = tl.float32 if DOT_F32 else k_slots.dtype.element_ty
+    qt = qt.to(dot_ty)
+
+    # Lengths come from device memory: the split of the list is decided here, not on the host.
+    start = tl.load(indptr + seq).to(tl.int64)
+    end = tl.load(indptr + seq + 1).to(tl.int64)
+    chunk = (end - start + NUM_SPLITS - 1) // NUM_SPLITS
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    n_off = tl.arange(0, BLOCK_N).to(tl.int64)
+    for n0 in range(lo, hi, BLOCK_N):
+        idx = n0 + n_off
+        ok = idx < hi
+        slot = tl.load(indices + idx, mask=ok, other=0).to(tl.int64)
+        ok = ok & (slot >= 0) & (slot < capacity)  # never read outside the pool
+        slot = tl.where(ok, slot, 0)
+        kvmask = ok[:, None] & d_ok[None, :]
+        kt = tl.load(k_slots + slot[:, None] * s_k_n + d[None, :] * s_k_d, mask=kvmask, other=0.0)
+        s = tl.dot(qt, tl.trans(kt.to(dot_ty))) * sm_scale  # [BLOCK_G, BLOCK_N], float32 accumulation
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row whose keys so far are all masked has max -inf: subtract 0 so exp gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        vt = tl.load(v_slots + slot[:, None] * s_v_n + d[None, :] * s_v_d, mask=kvmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), vt.to(dot_ty))
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    part = (seq * NUM_SPLITS + split) * BLOCK_G + g
+    tl.store(o_part + part[:, None] * BLOCK_D + d[None, :], out, mask=qmask)
+    tl.store(lse_part + part, lse, mask=g_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    o_part, lse_part, o, head_dim,
+    s_o_r, s_o_h, s_o_d,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Grid: (sequences, query heads of the group). Log-sum-exp merge of the splits' partials.
+    seq = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    r = seq // H_KV
+    kvh = seq % H_KV
+    sp = tl.arange(0, BLOCK_S).to(tl.int64)
+    sp_ok = sp < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_ok = d < head_dim
+    part = (seq * NUM_SPLITS + sp) * BLOCK_G + g
+    lse = tl.load(lse_part + part, mask=sp_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m_safe))
+    parts = tl.load(o_part + part[:, None] * BLOCK_D + d[None, :],
+                    mask=sp_ok[:, None] & d_ok[None, :], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    out = tl.where(total > 0, out, 0.0)
+    qh = kvh * GROUP + g
+    tl.store(o + r * s_o_r + qh * s_o_h + d * s_o_d, out.to(o.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _extend_kernel(
     q, k_slots, v_slots, o,
     indptr, indices, q_pos, q_req, slot_pos,
     capacity, num_req, head_dim, sm_scale,
@@ -199,10 +298,10 @@ def _ragged_attn_kernel(
     s_k_n, s_k_d,
     s_v_n, s_v_d,
     s_o_t, s_o_h, s_o_d,
-    H_KV: tl.constexpr, GROUP: tl.constexpr, IS_EXTEND: tl.constexpr,
+    H_KV: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Grid: (query rows, query heads). A row is a request (decode) or a query token (extend).
+    # Grid: (query tokens, query heads).
     row = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1).to(tl.int64)
     kvh = hq // GROUP
@@ -211,14 +310,10 @@ def _ragged_attn_kernel(
     d_ok = d < head_dim  # head_dim need not be a power of two
     qv = tl.load(q + row * s_q_t + hq * s_q_h + d * s_q_d, mask=d_ok, other=0.0).to(tl.float32)
 
-    if IS_EXTEND:
-        req = tl.load(q_req + row).to(tl.int64)
-        qp = tl.load(q_pos + row).to(tl.int64)
-        req_ok = (req >= 0) & (req < num_req)
-        req = tl.where(req_ok, req, 0)
-    else:
-        req = row
-        req_ok = row >= 0  # always true
+    req = tl.load(q_req + row).to(tl.int64)
+    qp = tl.load(q_pos + row).to(tl.int64)
+    req_ok = (req >= 0) & (req < num_req)
+    req = tl.where(req_ok, req, 0)
     seq = req * H_KV + kvh
     start = tl.load(indptr + seq).to(tl.int64)
     end = tl.load(indptr + seq + 1).to(tl.int64)
@@ -234,15 +329,13 @@ def _ragged_attn_kernel(
         slot = tl.load(indices + idx, mask=ok, other=0).to(tl.int64)
         ok = ok & (slot >= 0) & (slot < capacity)  # never read outside the pool
         slot = tl.where(ok, slot, 0)
-        if IS_EXTEND:
-            sp = tl.load(slot_pos + slot, mask=ok, other=0).to(tl.int64)
-            ok = ok & (sp <= qp)
+        sp = tl.load(slot_pos + slot, mask=ok, other=0).to(tl.int64)
+        ok = ok & (sp <= qp)
         m2 = ok[:, None] & d_ok[None, :]
         kt = tl.load(k_slots + slot[:, None] * s_k_n + d[None, :] * s_k_d, mask=m2, other=0.0).to(tl.float32)
         s = tl.sum(kt * qv[None, :], axis=1) * sm_scale
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        # All keys so far masked -> m_new = -inf; subtract 0 instead so exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe)
         alpha = tl.exp(m_i - m_safe)
@@ -255,7 +348,49 @@ def _ragged_attn_kernel(
     tl.store(o + row * s_o_t + hq * s_o_h + d * s_o_d, out.to(o.dtype.element_ty), mask=d_ok)
 
 
-def _launch(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale, is_extend):
+# Decode splits: enough programs to fill a large GPU whatever the batch (list lengths are read on
+# the device, so the split count depends only on the number of sequences).
+_TARGET_PROGRAMS = 512
+_MAX_SPLITS = 16
+
+
+def decode_num_splits(num_seqs: int) -> int:
+    return max(1, min(_MAX_SPLITS, -(-_TARGET_PROGRAMS // max(num_seqs, 1))))
+
+
+def _launch_decode(q, k_slots, v_slots, o, indptr, indices, H_kv, sm_scale, num_splits):
+    R, H_q, D = q.shape
+    if R == 0 or H_q == 0 or D == 0:
+        return
+    if k_slots.shape[0] == 0:
+        o.zero_()
+        return
+    indptr = indptr.contiguous()
+    indices = indices.contiguous()
+    if indices.numel() == 0:  # a valid pointer for the (never executed) loads
+        indices = torch.zeros(1, dtype=torch.int32, device=q.device)
+    G = H_q // H_kv
+    S = num_splits or decode_num_splits(R * H_kv)
+    BLOCK_G = max(16, triton.next_power_of_2(G))  # tl.dot needs at least 16 rows
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    o_part = torch.empty(R * H_kv * S * BLOCK_G * BLOCK_D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(R * H_kv * S * BLOCK_G, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(R * H_kv, S)](
+        q, k_slots, v_slots, indptr, indices, o_part, lse_part,
+        k_slots.shape[0], D, float(sm_scale),
+        *q.stride(), *k_slots.stride(), *v_slots.stride(),
+        H_KV=H_kv, GROUP=G, NUM_SPLITS=S,
+        BLOCK_G=BLOCK_G, BLOCK_N=_BLOCK_N, BLOCK_D=BLOCK_D,
+        DOT_F32=_INTERPRET and k_slots.dtype == torch.bfloat16,
+    )
+    _decode_merge_kernel[(R * H_kv, G)](
+        o_part, lse_part, o, D, *o.stride(),
+        H_KV=H_kv, GROUP=G, NUM_SPLITS=S,
+        BLOCK_S=triton.next_power_of_2(S), BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
+    )
+
+
+def _launch_extend(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale):
     rows, H_q, D = q.shape
     if rows == 0 or H_q == 0 or D == 0:
         return
@@ -266,27 +401,28 @@ def _launch(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num
     if k_slots.shape[0] == 0:
         o.zero_()
         return
-    if is_extend:
-        q_pos, q_req, slot_pos = q_pos.contiguous(), q_req.contiguous(), slot_pos.contiguous()
-    else:
-        q_pos = q_req = slot_pos = indptr  # unused
-    _ragged_attn_kernel[(rows, H_q)](
+    q_pos, q_req, slot_pos = q_pos.contiguous(), q_req.contiguous(), slot_pos.contiguous()
+    _extend_kernel[(rows, H_q)](
         q, k_slots, v_slots, o,
         indptr, indices, q_pos, q_req, slot_pos,
         k_slots.shape[0], num_req, D, float(sm_scale),
         *q.stride(), *k_slots.stride(), *v_slots.stride(), *o.stride(),
-        H_KV=H_kv, GROUP=H_q // H_kv, IS_EXTEND=is_extend,
+        H_KV=H_kv, GROUP=H_q // H_kv,
         BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(D),
     )
 
 
-def ragged_decode_attention(q, k_slots, v_slots, indptr, indices, sm_scale: float) -> torch.Tensor:
-    """Decode attention over live head-slot lists (Triton). See the module docstring."""
+def ragged_decode_attention(
+    q, k_slots, v_slots, indptr, indices, sm_scale: float, *, num_splits: int | None = None
+) -> torch.Tensor:
+    """Decode attention over live head-slot lists (Triton: a program per (request, KV head, KV
+    split) computes the query group with tl.dot; splits merge by log-sum-exp). `num_splits`
+    (default: from the number of sequences) only changes how the work is cut, not the result."""
     H_kv = _validate_decode(q, k_slots, v_slots, indptr, indices, sm_scale)
     if q.device.type == "cpu":
         _check_ranges(indptr, indices, k_slots.shape[0])
     o = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    _launch(q, k_slots, v_slots, o, indptr, indices, None, None, None, q.shape[0], H_kv, sm_scale, False)
+    _launch_decode(q, k_slots, v_slots, o, indptr, indices, H_kv, sm_scale, num_splits)
     return o
 
 
@@ -302,7 +438,7 @@ def ragged_extend_attention(
         _check_ranges(indptr, indices, k_slots.shape[0])
         _check_q_req(q_req, num_req)
     o = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    _launch(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale, True)
+    _launch_extend(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale)
     return o
 
 

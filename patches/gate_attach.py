@@ -68,11 +68,10 @@ class GateAttachment:
         if self._store_fn is None:
             from sglang_evict.kernels import kv_store
 
-            use_triton = self.config.kernel == "triton" or (
-                self.config.kernel == "auto" and device.type == "cuda"
-            )
             self._store_fn = (
-                kv_store.store_kv_scores if use_triton else kv_store.store_kv_scores_reference
+                kv_store.store_kv_scores
+                if self.config.use_triton(device)
+                else kv_store.store_kv_scores_reference
             )
         return self._store_fn
 

@@ -15,6 +15,8 @@ with `--evict-policy` (EvictConfig.evicting):
 - BaseTokenToKVPoolAllocator.check_decode_capacity (AROUND): the next decode step must also fit
   the physical pool after reclaiming evictable head-slots, else SGLang retracts (eviction always
   comes first; retraction only when eviction cannot make room).
+- ServerArgs.check_server_args (AFTER): settings eviction cannot serve are refused with one line
+  in SGLang's own process (plain `python -m sglang.launch_server` too).
 - The attention backend `sglang_evict` (register_attention_backend) stores K, V, log beta and
   position into head-slots and attends over the live lists.
 """
@@ -41,6 +43,7 @@ PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_e
 DECODE_CAPACITY = (
     "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.check_decode_capacity"
 )
+CHECK_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
 
 
 class HeadEvictError(RuntimeError):
@@ -65,6 +68,63 @@ def config() -> EvictConfig:
     if _state.config is None:
         _state.config = EvictConfig.from_env()
     return _state.config
+
+
+# ------------------------------------------------------------------ start-up refusals
+
+
+def refusal(server_args, policy: str) -> str | None:
+    """Why this server cannot run head-granular eviction with these SGLang settings (one line
+    naming the setting), or None. Checked in SGLang's own process (`ServerArgs.
+    check_server_args`), so plain `python -m sglang.launch_server` refuses them too."""
+    def get(name, default=None):
+        return getattr(server_args, name, default)
+
+    policy = f"--evict-policy {policy}"
+    if get("attention_backend") != ATTENTION_BACKEND:
+        return f"{policy} needs --attention-backend {ATTENTION_BACKEND}, got {get('attention_backend')}"
+    if not get("disable_radix_cache", False):
+        return f"{policy} cannot run with the radix cache yet: add --disable-radix-cache"
+    if (get("page_size") or 1) != 1:
+        return f"{policy} needs --page-size 1 (one token per slot), got {get('page_size')}"
+    for name, flag in (("tp_size", "--tp-size"), ("pp_size", "--pp-size"), ("dp_size", "--dp-size")):
+        if (get(name) or 1) > 1:
+            return f"{policy} runs on one device for now: {flag} {get(name)} is not supported"
+    dtype = str(get("kv_cache_dtype") or "auto")
+    if dtype.startswith("fp8") or dtype.startswith("fp4"):
+        return f"{policy} stores K/V in the model dtype: --kv-cache-dtype {dtype} is not supported"
+    if get("speculative_algorithm"):
+        return f"{policy} does not support speculative decoding (--speculative-algorithm)"
+    if not get("disable_overlap_schedule", False):
+        return (f"{policy} evicts between steps: add --disable-overlap-schedule (the overlap "
+                "scheduler would prepare the next batch while the evictor runs)")
+    if not get("disable_cuda_graph", False):
+        return f"{policy}: CUDA graphs are not captured with eviction yet: add --disable-cuda-graph"
+    return None
+
+
+def after_check_server_args(result, server_args, *args, **kwargs):
+    why = refusal(server_args, config().policy)
+    if why is not None:
+        raise HeadEvictError(f"sglang-evict: {why}")
+    return result
+
+
+def check_model(model_config) -> None:
+    """Attention variants the head-slot kernels do not implement are refused by name."""
+    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    window = getattr(hf, "sliding_window", None)
+    if window and getattr(hf, "use_sliding_window", True) is not False:
+        raise HeadEvictError(
+            f"sglang-evict: this model uses sliding-window attention (window {window}); "
+            "eviction supports full attention only"
+        )
+    for cap in ("attn_logit_softcapping", "attn_logit_softcap"):
+        if getattr(hf, cap, None):
+            raise HeadEvictError(
+                f"sglang-evict: this model caps attention logits ({cap}); eviction supports "
+                "plain softmax attention only"
+            )
 
 
 # ------------------------------------------------------------------ pool sizing
@@ -107,6 +167,7 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
         )
     if pool.page_size != 1:
         raise HeadEvictError(f"sglang-evict eviction needs --page-size 1, got {pool.page_size}")
+    check_model(runner.model_config)
     cfg = config()
     L, H = pool.layer_num, pool.head_num
     n = _state.physical_tokens
@@ -125,6 +186,10 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
         dtype=pool.store_dtype,
         device=pool.device,
         evictor=evictor,
+        num_rows=runner.req_to_token_pool.req_to_token.shape[0],
+        max_row_len=runner.req_to_token_pool.req_to_token.shape[1],
+        debug_check=bool(cfg.debug_check),
+        use_triton=cfg.use_triton(pool.device),
     )
     _check_fits(runner, state, n)
     _state.cache = state
@@ -300,7 +365,7 @@ def after_prepare_for_extend(result, batch, *args, **kwargs):
         cfg = request_config(req.sampling_params.custom_params)
         row = req.kv.req_pool_idx
         if cfg is not None and row is not None:
-            state.row_evictors[row] = _evictor_for(cfg)
+            state.set_row_evictor(row, _evictor_for(cfg))
     return result
 
 
@@ -342,3 +407,4 @@ def register(registry, hook_type) -> None:
     registry.register(DECODE_CAPACITY, around_decode_capacity, hook_type.AROUND)
     registry.register(SAMPLING_VERIFY, after_sampling_verify, hook_type.AFTER)
     registry.register(PREPARE_EXTEND, after_prepare_for_extend, hook_type.AFTER)
+    registry.register(CHECK_ARGS, after_check_server_args, hook_type.AFTER)

@@ -24,10 +24,7 @@ class HeadSlotAttnBackend(AttentionBackend):
         self.cache = cache
         self.device = runner.device
         self.req_to_token = runner.req_to_token_pool.req_to_token
-        use_triton = config.kernel == "triton" or (
-            config.kernel == "auto" and torch.device(runner.device).type == "cuda"
-        )
-        if use_triton:
+        if config.use_triton(runner.device):
             self._store = head_store.store_head_slots
             self._decode = ragged_attention.ragged_decode_attention
             self._extend = ragged_attention.ragged_extend_attention
@@ -67,7 +64,7 @@ class HeadSlotAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if save_kv_cache and k is not None and v is not None:
             self._save(k, v, layer, forward_batch)
-        indptr, indices = self.cache.lists.layer(layer.layer_id)
+        indptr, indices = self.cache.step.layer(layer.layer_id)
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = self._extend(
             q_,
@@ -86,7 +83,7 @@ class HeadSlotAttnBackend(AttentionBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if save_kv_cache and k is not None and v is not None:
             self._save(k, v, layer, forward_batch)
-        indptr, indices = self.cache.lists.layer(layer.layer_id)
+        indptr, indices = self.cache.step.layer(layer.layer_id)
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = self._decode(q_, self.cache.k, self.cache.v, indptr, indices, layer.scaling)
         return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)

@@ -40,6 +40,7 @@ FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--evict-window", "window", int),
     ("--evict-min-per-head", "min_per_head", int),
     ("--evict-oversubscribe", "oversubscribe", int),
+    ("--evict-debug-check", "debug_check", int),
 )
 
 
@@ -63,6 +64,9 @@ class EvictConfig:
     # Virtual token ids (SGLang's token pool) per token of physical KV memory: how many more
     # tokens requests may hold in total than would fit at full size.
     oversubscribe: int = 8
+    # 1: after every step, check the live lists against a recomputation from the virtual map
+    # (slow; for tests and debugging).
+    debug_check: int = 0
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNEL_BACKENDS:
@@ -110,6 +114,15 @@ class EvictConfig:
                 raise EvictConfigError(
                     f"--evict-min-per-head {self.min_per_head} exceeds --evict-budget {self.budget}"
                 )
+
+    def use_triton(self, device) -> bool:
+        """Triton kernels where they compile for real (CUDA), or when asked for; the torch
+        twins otherwise (Triton's CPU interpreter is far too slow to serve with)."""
+        import torch
+
+        return self.kernel == "triton" or (
+            self.kernel == "auto" and torch.device(device).type == "cuda"
+        )
 
     @property
     def active(self) -> bool:

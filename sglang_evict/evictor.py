@@ -30,9 +30,9 @@ from typing import NamedTuple
 import torch
 
 from sglang_evict.head_slots import EVICTED, HeadSlotPool
-from sglang_evict.policies import EvictionPolicy, ScoreInputs, keep_mask
+from sglang_evict.policies import EvictionPolicy, ScoreInputs
 
-__all__ = ["EvictorConfig", "EvictionResult", "Evictor", "MODES", "SELECTORS"]
+__all__ = ["EvictorConfig", "EvictionResult", "Evictor", "MODES", "SELECTORS", "keep_top"]
 
 MODES = ("global", "per_head")
 SELECTORS = ("torch", "triton")
@@ -130,7 +130,78 @@ class Evictor:
         """L*H*(M+B): global eviction happens when live head-slots exceed this."""
         return self.num_layers * self.num_kv_heads * (self.config.budget + self.config.buffer)
 
-    # ------------------------------------------------------------------ main entry
+    # ------------------------------------------------------------------ trigger
+    def triggered(self, live: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        """bool [R] (host): which requests must evict now, from their live head-slots and
+        their longest (layer, head) list (host int64 [R] each; no device read)."""
+        if self.config.mode == "global":
+            return live > self.global_trigger
+        return span >= self.config.budget + self.config.buffer
+
+    # ------------------------------------------------------------------ batched selection
+    def keep_lists(
+        self,
+        entries: torch.Tensor,
+        valid: torch.Tensor,
+        positions: torch.Tensor,
+        seq_len: torch.Tensor,
+        log_beta_slots: torch.Tensor | None,
+        k_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """bool [R, LH, W]: the entries R requests keep, all selected together.
+
+        entries   int64 [R, LH, W]  head-slots of each request's (layer, head) lists (any order
+                                    inside a list; -1 / anything where not valid)
+        valid     bool  [R, LH, W]
+        positions int64 [R, LH, W]  each entry's position
+        seq_len   int64 [R]         each request's length t
+        Global mode keeps each request's top L*H*M (the floor first); per-head mode keeps the top
+        M of every list holding >= M + B and leaves the others whole. Ties go to the lower
+        (position, layer, head): the order of the request's flat (token, layer, head) index.
+        Device ops only: no host read, no loop over requests or lists."""
+        cfg = self.config
+        R, LH, W = entries.shape
+        scores = self.score_lists(entries, valid, positions, seq_len, log_beta_slots, k_slots)
+        if cfg.mode == "global":
+            if cfg.min_per_head:
+                floor = keep_top(scores.view(R * LH, W), cfg.min_per_head, positions.view(R * LH, W))
+                scores = scores.masked_fill(floor.view(R, LH, W) & valid, math.inf)
+            lh = torch.arange(LH, device=entries.device)[None, :, None]
+            tie = positions * LH + lh
+            keep = keep_top(scores.view(R, LH * W), self.global_budget, tie.view(R, LH * W))
+            return keep.view(R, LH, W) & valid
+        top = keep_top(scores.view(R * LH, W), cfg.budget, positions.view(R * LH, W))
+        full = valid.sum(2) >= cfg.budget + cfg.buffer  # [R, LH]
+        return torch.where(full[:, :, None], top.view(R, LH, W), valid) & valid
+
+    def score_lists(
+        self,
+        entries: torch.Tensor,
+        valid: torch.Tensor,
+        positions: torch.Tensor,
+        seq_len: torch.Tensor,
+        log_beta_slots: torch.Tensor | None,
+        k_slots: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """float32 [R, LH, W] policy scores; not valid -inf, a valid entry never below the
+        lowest finite float32 (so it outranks every invalid one)."""
+        policy = self.config.policy
+        R, LH, W = entries.shape
+        n = R * LH * W
+        dev = entries.device
+        safe = entries.clamp(min=0).reshape(n)
+        t = seq_len.to(dev, torch.long)[:, None, None].expand(R, LH, W).reshape(n)
+        log_beta = None
+        if log_beta_slots is not None:
+            log_beta = log_beta_slots.to(dev)[safe].float()[:, None]
+        keys = None
+        if k_slots is not None and policy.needs_keys:
+            keys = k_slots.to(dev)[safe][:, None, :]
+        raw = policy.score(ScoreInputs(positions.reshape(n).long(), t, 1, log_beta, keys))
+        raw = torch.nan_to_num(raw, nan=_LOWEST, posinf=math.inf, neginf=_LOWEST)
+        return raw.view(R, LH, W).masked_fill(~valid, -math.inf)
+
+    # ------------------------------------------------------------------ one request on the map
     def enforce(
         self,
         pool: HeadSlotPool,
@@ -140,13 +211,11 @@ class Evictor:
         log_beta_slots: torch.Tensor | None,
         k_slots: torch.Tensor | None = None,
     ) -> EvictionResult:
-        """Evict the request's lowest-scored live head-slots if its budget trigger holds.
+        """Evict one request's lowest-scored live head-slots, read from the virtual map, if its
+        budget trigger holds (the same selection as `keep_lists`).
 
         tokens     int64 [n]  the request's virtual ids in token order
         positions  int64 [n]  their positions in the sequence (< seq_len)
-        seq_len    current sequence length t
-        log_beta_slots float32 [capacity] (needed by the retention policy), k_slots
-        [capacity, D] (needed by key-based policies).
         """
         cfg = self.config
         L, H = self.num_layers, self.num_kv_heads
@@ -173,74 +242,53 @@ class Evictor:
         n = tokens.numel()
         if n == 0:
             return EvictionResult(0, 0, 0)
-        slots = pool.slot_map[tokens]  # [n, L, H] int32
+        LH = L * H
+        slots = pool.slot_map[tokens].view(n, LH).long()
         live = slots != EVICTED
-        cols_live = live.view(n, L * H)
-        col_count = cols_live.sum(0)  # [L*H]
-        live_before = int(col_count.sum())
+        counts = live.sum(0)
+        live_before = int(counts.sum())
+        if not bool(self.triggered(torch.tensor([live_before]), counts.max().view(1).cpu())[0]):
+            return EvictionResult(0, live_before, live_before)
+        entries = slots.t()[None]  # [1, LH, n]: each (layer, head) list in token order
+        valid = live.t()[None]
+        pos = positions.to(dev, torch.long)[None, None, :].expand(1, LH, n)
+        t = torch.tensor([seq_len], device=dev)
+        if cfg.selector == "triton":
+            from sglang_evict.kernels.select import select_keep
 
-        if cfg.mode == "global":
-            if live_before <= self.global_trigger:
-                return EvictionResult(0, live_before, live_before)
-        else:
-            full = col_count >= cfg.budget + cfg.buffer
-            if not bool(full.any()):
-                return EvictionResult(0, live_before, live_before)
-
-        scores = self.score_entries(
-            slots, live, positions.to(dev), seq_len, log_beta_slots, k_slots
-        )
-        cols = scores.view(n, L * H)  # column = (layer, head), rows = tokens
-
-        if cfg.mode == "global":
+            scores = self.score_lists(entries, valid, pos, t, log_beta_slots, k_slots)
             if cfg.min_per_head:
-                floor = keep_mask(cols, cfg.min_per_head, per_head=True) & cols_live
-                cols = cols.masked_fill(floor, math.inf)
-            flat = cols.reshape(-1)
-            if cfg.selector == "triton":
-                from sglang_evict.kernels.select import select_keep
-
-                keep = select_keep(flat.contiguous(), self.global_budget)
-            else:
-                keep = keep_mask(flat.view(-1, 1), self.global_budget, per_head=False)[:, 0]
-            keep = keep.view(n, L, H) & live
+                floor = keep_top(scores[0], cfg.min_per_head, pos[0])
+                scores = scores.masked_fill(floor[None] & valid, math.inf)
+            # token-major flat order: select_keep's lowest-index ties are (position, layer, head)
+            flat = scores[0].t().contiguous().view(-1)
+            keep = select_keep(flat, self.global_budget).view(n, LH).t()[None] & valid
         else:
-            top = keep_mask(cols, cfg.budget, per_head=True)
-            keep = torch.where(full[None, :], top, torch.ones_like(top)) & cols_live
-            keep = keep.view(n, L, H)
-
-        evicted = pool.evict_mask(tokens, keep)
+            keep = self.keep_lists(entries, valid, pos, t, log_beta_slots, k_slots)
+        drop = valid & ~keep
+        lh = torch.arange(LH, device=dev)[None, :, None].expand_as(drop)
+        evicted = pool.evict_slots(entries[drop], lh[drop])
         return EvictionResult(evicted, live_before, live_before - evicted)
 
-    # ------------------------------------------------------------------ scoring
-    def score_entries(
-        self,
-        slots: torch.Tensor,
-        live: torch.Tensor,
-        positions: torch.Tensor,
-        seq_len: int | torch.Tensor,
-        log_beta_slots: torch.Tensor | None,
-        k_slots: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """float32 [n*L, H]: policy scores of n tokens' entries (slots/live [n, L, H]), non-live
-        -inf, live never below the lowest finite. seq_len is the length of the one sequence
-        they belong to, or int64 [n] per token when they come from several sequences."""
-        policy = self.config.policy
-        n = slots.shape[0]
-        L, H = self.num_layers, self.num_kv_heads
-        safe = slots.clamp(min=0).long().view(n * L, H)
-        live2 = live.view(n * L, H)
-        pos = positions.long().repeat_interleave(L)  # row = token * L + layer
-        if isinstance(seq_len, torch.Tensor):
-            t = seq_len.to(pos.device, torch.long).repeat_interleave(L)
-        else:
-            t = torch.full_like(pos, seq_len)
-        log_beta = None
-        if log_beta_slots is not None:
-            log_beta = log_beta_slots.to(pos.device)[safe].float().masked_fill(~live2, 0.0)
-        keys = None
-        if k_slots is not None and policy.needs_keys:
-            keys = k_slots.to(pos.device)[safe]  # [n*L, H, D]
-        raw = policy.score(ScoreInputs(pos, t, H, log_beta, keys))
-        raw = torch.nan_to_num(raw, nan=_LOWEST, posinf=math.inf, neginf=_LOWEST)
-        return raw.masked_fill(~live2, -math.inf)
+
+def _order_key(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order like the float32 scores (-0.0 as +0.0, -inf lowest)."""
+    bits = (scores.float() + 0.0).view(torch.int32).long()
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def keep_top(scores: torch.Tensor, budget: int, tie: torch.Tensor) -> torch.Tensor:
+    """bool [S, N]: the `budget` highest scores of each row, plus every +inf.
+
+    Ties go to the lower `tie` (int64 [S, N], distinct within a row, in [0, 2**31)): score and
+    tie form one exact int64 key, so one k-th value per row decides the set, with no sort and
+    no host read."""
+    S, N = scores.shape
+    if budget >= N:
+        return torch.ones((S, N), dtype=torch.bool, device=scores.device)
+    inf = torch.isposinf(scores)
+    if budget == 0 or N == 0:
+        return inf
+    key = (_order_key(scores) << 32) - tie.long()
+    kth = torch.kthvalue(key, N - budget + 1, dim=1, keepdim=True).values
+    return (key >= kth) | inf

@@ -8,41 +8,50 @@ holds the physical side:
     log_beta    [capacity] float32    the retention gate's output stored with the entry
     pos         [capacity] int64      the entry's position (never changes: no re-rotation)
 
+    lists       LiveLists: per (request row, layer, KV head) the live head-slots in position
+                order, the source of truth between steps
+
 One forward step:
   1. `prepare(batch)`: give the step's new tokens head-slots in every layer and head (reclaiming
-     across all requests first if the pool is short), then build each layer's per-(request, KV
-     head) live lists in the FlashInfer ragged layout, once for all layers.
+     across all requests first if the pool is short), append them to their lists, and write the
+     step's per-(request, KV head) metadata in the FlashInfer ragged layout from the lists, once
+     for all layers. Its cost follows the batch's live entries, never the evicted ones.
   2. each layer: `store(layer, k, v, log_beta, positions)` then attention over `lists[layer]`.
-  3. `after_forward(batch)`: the evictor enforces each request's budget; statistics per request.
+  3. `after_forward(batch)`: the requests over their trigger are selected together in one
+     batched pass and their lists compacted; statistics per request, as host tensors.
 
 Requests are tracked by their req_to_token row. The row's statistics are handed over when SGLang
 releases the row (`release`); head-slots return to the free list when SGLang frees the virtual ids
 (`free`), so every path that frees KV in SGLang (finish, abort, retraction, flush) frees
-head-slots too.
+head-slots too. The host keeps exact mirrors of what it decides (live counts, list spans), so a
+step reads nothing back from the device except when an eviction compacts lists.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
-from sglang_evict.evictor import Evictor
+from sglang_evict.evictor import Evictor, keep_top
 from sglang_evict.head_slots import EVICTED, HeadSlotPool, HeadSlotPoolFull
-from sglang_evict.policies import keep_mask
+from sglang_evict.kernels.live_indices import live_indices, live_indices_reference
+from sglang_evict.live_lists import NO_OWNER, LiveLists
 
 logger = logging.getLogger(__name__)
 
-# head-slot bytes beside K and V: log beta (float32) and position (int64)
-SLOT_META_BYTES = 4 + 8
-# slot_map bytes per (virtual token, layer, head)
-MAP_BYTES = 4
+# head-slot bytes beside K and V: log beta (float32), position (int64), its virtual id and its
+# holder (int32 each)
+SLOT_META_BYTES = 4 + 8 + 4 + 4
+# per (virtual token, layer, head): the slot_map entry and the live-list arena entry (int32 each)
+MAP_BYTES = 4 + 4
 
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, oversubscribe: int) -> int:
     """Bytes added to SGLang's per-token KV cost (K and V are counted by SGLang already): the
-    head-slot metadata of one token's L*H head-slots, and the map entries of the
+    head-slot metadata of one token's L*H head-slots, and the map and list entries of the
     `oversubscribe` virtual ids each token of physical memory backs."""
     return num_layers * num_kv_heads * (SLOT_META_BYTES + MAP_BYTES * oversubscribe)
 
@@ -80,7 +89,7 @@ class RowStats:
 
 class StepLists:
     """Per-layer live lists of one forward step: layer l's sequence r*H + h is (request r of
-    the batch, KV head h); indices are head-slots in token order."""
+    the batch, KV head h); indices are head-slots in position order."""
 
     def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, bounds: list[int], seqs: int):
         self._indptr = indptr  # [L * seqs + 1] cumulative over all layers
@@ -92,6 +101,28 @@ class StepLists:
         a, b = self._bounds[l], self._bounds[l + 1]
         ptr = self._indptr[l * self._seqs : (l + 1) * self._seqs + 1] - a
         return ptr.to(torch.int32), self._indices[a:b]
+
+
+_STAT_FIELDS = tuple(f for f in RowStats.__dataclass_fields__)
+
+
+class RowStatsTable:
+    """RowStats of every req_to_token row as host int64 columns, updated for a whole batch at
+    once (no Python loop over requests)."""
+
+    def __init__(self, num_rows: int):
+        for name in _STAT_FIELDS:
+            fill = -1 if name.startswith("free_") else 0
+            setattr(self, name, torch.full((num_rows,), fill, dtype=torch.long))
+        self.active = torch.zeros(num_rows, dtype=torch.bool)
+
+    def start(self, rows: torch.Tensor) -> None:
+        for name in _STAT_FIELDS:
+            getattr(self, name)[rows] = -1 if name.startswith("free_") else 0
+        self.active[rows] = True
+
+    def row(self, r: int) -> RowStats:
+        return RowStats(**{name: int(getattr(self, name)[r]) for name in _STAT_FIELDS})
 
 
 class HeadKVCache:
@@ -107,6 +138,11 @@ class HeadKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         evictor: Evictor | None,
+        num_rows: int = 64,
+        max_row_len: int | None = None,
+        page_size: int = 16,
+        debug_check: bool = False,
+        use_triton: bool = False,
     ):
         self.device = torch.device(device)
         self.pool = HeadSlotPool(num_virtual, num_layers, num_kv_heads, capacity, self.device)
@@ -116,15 +152,28 @@ class HeadKVCache:
         self.v = torch.zeros(capacity, v_head_dim, dtype=dtype, device=self.device)
         self.log_beta = torch.zeros(capacity, dtype=torch.float32, device=self.device)
         self.pos = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        self.lists = LiveLists(
+            num_rows=num_rows,
+            max_row_len=max_row_len or num_virtual,
+            heads_per_token=num_layers * num_kv_heads,
+            capacity=capacity,
+            num_pages=LiveLists.pages_for(num_virtual, num_rows, page_size),
+            page_size=page_size,
+            device=self.device,
+        )
         # Also scores entries for cross-request reclaim; without one (policy none) nothing may
         # be reclaimed.
         self.evictor = evictor
-        self.rows: dict[int, RowStats] = {}
-        # Per-request policy overrides (row -> its evictor, None = never evict this request).
-        self.row_evictors: dict[int, Evictor | None] = {}
+        self.stats = RowStatsTable(num_rows)
+        # Per-request evictors: row -> index into `evictors`; -1 = never evict this request.
+        self.evictors: list[Evictor] = []
+        self.row_evictor = torch.full((num_rows,), self._evictor_index(evictor), dtype=torch.long)
         self.new_slots: torch.Tensor | None = None  # [T, L, H] of the current step
-        self.lists: StepLists | None = None
+        self.step: StepLists | None = None
         self.q_req: torch.Tensor | None = None
+        self.debug_check = debug_check
+        # The step's metadata kernel: Triton where it compiles for real, its torch twin on CPU.
+        self._live_indices = live_indices if use_triton else live_indices_reference
         self.steps = 0
         self.reclaims = 0
 
@@ -134,20 +183,39 @@ class HeadKVCache:
 
     @property
     def nbytes(self) -> int:
-        t = (self.k, self.v, self.log_beta, self.pos, self.pool.slot_map, self.pool.free_slots)
-        return sum(x.numel() * x.element_size() for x in t)
+        t = (self.k, self.v, self.log_beta, self.pos, self.pool.slot_map, self.pool.free_slots,
+             self.pool.slot_vid)
+        return sum(x.numel() * x.element_size() for x in t) + self.lists.nbytes
 
     @property
     def heads_per_token(self) -> int:
         return self.num_layers * self.num_kv_heads
 
+    # ------------------------------------------------------------------ per-request policy
+    def _evictor_index(self, evictor: Evictor | None) -> int:
+        if evictor is None:
+            return -1
+        for i, e in enumerate(self.evictors):
+            if e is evictor:
+                return i
+        self.evictors.append(evictor)
+        return len(self.evictors) - 1
+
+    def set_row_evictor(self, row: int, evictor: Evictor | None) -> None:
+        self.row_evictor[row] = self._evictor_index(evictor)
+
+    def evictor_of(self, row: int) -> Evictor | None:
+        i = int(self.row_evictor[row])
+        return self.evictors[i] if i >= 0 else None
+
     # ------------------------------------------------------------------ one step
-    def prepare(self, batch, req_to_token: torch.Tensor) -> None:
-        """Allocate head-slots for the batch's new tokens and build the step's live lists."""
+    def prepare(self, batch, req_to_token: torch.Tensor | None = None) -> None:
+        """Allocate head-slots for the batch's new tokens, append them to their lists and build
+        the step's metadata from the lists."""
         new_ids = batch.out_cache_loc.to(self.device, torch.long)
         need = new_ids.numel() * self.heads_per_token
         if need > self.pool.num_free:
-            self.reclaim(need - self.pool.num_free, req_to_token)
+            self.reclaim(need - self.pool.num_free)
         try:
             self.new_slots = self.pool.alloc(new_ids)
         except HeadSlotPoolFull as e:
@@ -155,149 +223,183 @@ class HeadKVCache:
                 "every remaining head-slot is protected (sinks / recent window) or the step "
                 "alone exceeds the pool; lower --chunked-prefill-size or --max-running-requests"
             )
-        rows = batch.req_pool_indices.to(self.device, torch.long)
-        lens = batch.seq_lens.to(self.device, torch.long)
+        rows = _host(batch, "req_pool_indices")
         R = rows.numel()
-        L, H = self.num_layers, self.num_kv_heads
-        if batch.forward_mode.is_decode():
+        decode = batch.forward_mode.is_decode()
+        if decode:
+            counts = torch.ones(R, dtype=torch.long)
             self.q_req = None
         else:
-            ext = batch.extend_seq_lens.to(self.device, torch.long)
-            self.q_req = torch.repeat_interleave(torch.arange(R, device=self.device), ext)
-        maxlen = int(lens.max()) if R else 0
-        span = torch.arange(maxlen, device=self.device)
-        valid = span[None, :] < lens[:, None]
-        ids = req_to_token[rows][:, :maxlen].to(torch.long)[valid]  # [N], request-major
-        req_of = torch.repeat_interleave(torch.arange(R, device=self.device), lens)
-        slots = self.pool.slot_map[ids]  # [N, L, H]
-        live = slots != EVICTED
-        seq = (
-            torch.arange(L, device=self.device)[None, :, None] * (R * H)
-            + req_of[:, None, None] * H
-            + torch.arange(H, device=self.device)[None, None, :]
+            counts = _host(batch, "extend_seq_lens")
+            self.q_req = torch.repeat_interleave(
+                torch.arange(R, device=self.device), counts.to(self.device),
+                output_size=new_ids.numel(),
+            )
+            fresh = rows[_host(batch, "extend_prefix_lens") == 0]
+            if fresh.numel():  # a row's first chunk: a new request (or a retracted one anew)
+                self._forget(fresh)
+                self.stats.start(fresh)
+        self.lists.append(rows, counts, self.new_slots.view(-1, self.heads_per_token))
+        seq = _host(batch, "seq_lens")
+        st = self.stats
+        st.active[rows] = True
+        st.seq_len[rows] = seq
+        st.live[rows] += counts * self.heads_per_token
+        st.peak_before_evict[rows] = torch.maximum(st.peak_before_evict[rows], st.live[rows])
+        ll = self.lists
+        indptr, indices = self._live_indices(
+            ll.arena, ll.row_pages, ll.lens, rows.to(self.device), self.num_layers
         )
-        key = seq.expand_as(slots)[live]
-        order = torch.sort(key, stable=True).indices
-        indices = slots[live][order]
-        counts = torch.bincount(key, minlength=L * R * H)
-        indptr = torch.zeros(L * R * H + 1, dtype=torch.long, device=self.device)
-        indptr[1:] = counts.cumsum(0)
-        bounds = indptr[:: R * H].tolist() if R else [0] * (L + 1)
-        self.lists = StepLists(indptr, indices, bounds, R * H)
+        seqs = R * self.num_kv_heads
+        bounds = indptr[::seqs].tolist() if R else [0] * (self.num_layers + 1)
+        self.step = StepLists(indptr, indices, bounds, seqs)
 
     def store(self, layer: int, k, v, log_beta, positions, store_fn) -> None:
         slot = self.new_slots[:, layer, :]
         n = slot.shape[0]
         store_fn(self.k, self.v, self.log_beta, self.pos, k[:n], v[:n], log_beta[:n], positions[:n], slot)
 
-    def after_forward(self, batch, req_to_token: torch.Tensor) -> None:
-        """Enforce every request's budget; update its statistics."""
+    def after_forward(self, batch, req_to_token: torch.Tensor | None = None) -> None:
+        """Enforce the budgets of the batch's requests over their trigger, all together."""
         self.steps += 1
-        rows = batch.req_pool_indices.tolist()
-        lens = batch.seq_lens.tolist()
-        fresh = [False] * len(rows)
-        if not batch.forward_mode.is_decode() and batch.extend_prefix_lens is not None:
-            fresh = [p == 0 for p in batch.extend_prefix_lens.tolist()]
-        for row, n, new in zip(rows, lens, fresh):
-            if new:  # the row's first chunk: a new request (or a retracted one starting over)
-                self.rows[row] = RowStats()
-            stats = self.rows.setdefault(row, RowStats())
-            stats.seq_len = n
-            tokens = req_to_token[row, :n].to(self.device, torch.long)
-            evictor = self.row_evictors.get(row, self.evictor)
-            if evictor is None:
-                live = int((self.pool.slot_map[tokens] != EVICTED).sum())
-                stats.live = live
-                stats.peak_live = max(stats.peak_live, live)
-                stats.peak_before_evict = max(stats.peak_before_evict, live)
-                continue
-            free_before = self.pool.num_free
-            res = evictor.enforce(
-                self.pool,
-                tokens,
-                torch.arange(n, device=self.device),
-                n,
-                self.log_beta,
-                self.k,
-            )
-            stats.peak_before_evict = max(stats.peak_before_evict, res.live_before)
-            stats.live = res.live_after
-            stats.peak_live = max(stats.peak_live, res.live_after)
-            if res.evicted:
-                stats.evicted += res.evicted
-                stats.evictions += 1
-                stats.free_before_last_evict = free_before
-                stats.free_after_last_evict = self.pool.num_free
+        rows = _host(batch, "req_pool_indices")
+        st = self.stats
+        ev_ids = self.row_evictor[rows]
+        for i in torch.unique(ev_ids[ev_ids >= 0]).tolist():  # one pass per distinct policy
+            evictor = self.evictors[i]
+            mine = rows[ev_ids == i]
+            due = mine[evictor.triggered(st.live[mine], self.lists.span[mine])]
+            if due.numel():
+                self._evict_rows(due, evictor)
+        st.peak_live[rows] = torch.maximum(st.peak_live[rows], st.live[rows])
+        if self.debug_check:
+            self.check_integrity(req_to_token)
         self.new_slots = None
-        self.lists = None
+        self.step = None
+
+    def _evict_rows(self, rows: torch.Tensor, evictor: Evictor) -> None:
+        entries, valid = self.lists.gather(rows)
+        pos = self.pos[entries.clamp(min=0)]
+        seq = self.stats.seq_len[rows].to(self.device)
+        keep = evictor.keep_lists(entries, valid, pos, seq, self.log_beta, self.k)
+        free_before = self.pool.num_free
+        dropped = self._drop(rows, entries, valid, keep)
+        st = self.stats
+        hit = dropped > 0
+        r = rows[hit]
+        st.live[rows] -= dropped
+        st.evicted[r] += dropped[hit]
+        st.evictions[r] += 1
+        st.free_before_last_evict[r] = free_before
+        st.free_after_last_evict[r] = self.pool.num_free
+
+    def _drop(self, rows, entries, valid, keep) -> torch.Tensor:
+        """Free what `keep` drops from the gathered lists of `rows`, compact the lists; returns
+        host int64 [R]: head-slots freed per row."""
+        drop = valid & ~keep
+        lh = torch.arange(entries.shape[1], device=self.device)[None, :, None].expand_as(drop)
+        slots = entries[drop]
+        self.lists.owner[slots] = NO_OWNER
+        self.pool.evict_slots(slots, lh[drop])
+        self.lists.compact(rows, keep, entries)
+        return drop.sum(dim=(1, 2)).cpu()
 
     # ------------------------------------------------------------------ cross-request reclaim
-    def reclaim(self, deficit: int, req_to_token: torch.Tensor) -> int:
+    def reclaim(self, deficit: int, req_to_token: torch.Tensor | None = None) -> int:
         """Free at least `deficit` head-slots, lowest score first across every request that holds
-        any (DBTrimKV's rule applied to the whole pool); protected entries are never taken.
-        Returns the number freed (less than deficit only when too much is protected)."""
-        if self.evictor is None or not self.rows:
+        any and allows eviction (each scored by its own policy; a request with policy none is
+        never reclaimed from); protected entries are never taken. Returns the number freed (less
+        than deficit only when too much is protected)."""
+        rows = self._reclaimable_rows()
+        if rows.numel() == 0:
             return 0
-        rows = list(self.rows)
-        lens = torch.tensor([self.rows[r].seq_len for r in rows], device=self.device)
-        tokens = torch.cat(
-            [req_to_token[r, :n].to(self.device, torch.long) for r, n in zip(rows, lens.tolist())]
-        )
-        owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lens)
-        starts = torch.cumsum(lens, 0) - lens
-        positions = torch.arange(tokens.numel(), device=self.device) - starts[owner]
-        L, H = self.num_layers, self.num_kv_heads
-        slots = self.pool.slot_map[tokens]  # [n, L, H]
-        live = slots != EVICTED
-        n = tokens.numel()
-        live2 = live.view(n * L, H)
-        scores = self.evictor.score_entries(
-            slots, live, positions, lens[owner], self.log_beta, self.k
-        )
-        evictable = int((live2 & torch.isfinite(scores)).sum())
-        total_live = int(live2.sum())
+        entries, valid = self.lists.gather(rows)
+        R, LH, W = entries.shape
+        scores = torch.full((R, LH, W), -math.inf, device=self.device)
+        ev_ids = self.row_evictor[rows]
+        pos = self.pos[entries.clamp(min=0)]
+        seq = self.stats.seq_len[rows].to(self.device)
+        for i in torch.unique(ev_ids).tolist():
+            sel = (ev_ids == i).to(self.device)
+            scores[sel] = self.evictors[i].score_lists(
+                entries[sel], valid[sel], pos[sel], seq[sel], self.log_beta, self.k
+            )
+        live = int(valid.sum())
+        evictable = int((valid & torch.isfinite(scores)).sum())
         take = min(deficit, evictable)
         if take <= 0:
             return 0
-        keep = keep_mask(scores.reshape(-1, 1), total_live - take, per_head=False)[:, 0]
-        keep = keep.view(n, L, H) & live
-        dropped = (live & ~keep).flatten(1).sum(1)
-        freed = self.pool.evict_mask(tokens, keep)
-        per_owner = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        per_owner.index_add_(0, owner, dropped)
-        for row, k in zip(rows, per_owner.tolist()):
-            if k:
-                st = self.rows[row]
-                st.reclaimed += k
-                st.evicted += k
-                st.live -= k
+        # one ranking over the whole pool; ties to the lower (row, layer, head, list index)
+        tie = torch.arange(R * LH * W, device=self.device).view(1, -1)
+        keep = keep_top(scores.view(1, -1), live - take, tie).view(R, LH, W) & valid
+        dropped = self._drop(rows, entries, valid, keep)
+        st = self.stats
+        st.reclaimed[rows] += dropped
+        st.evicted[rows] += dropped
+        st.live[rows] -= dropped
+        freed = int(dropped.sum())
         self.reclaims += 1
-        logger.info("sglang-evict: reclaimed %d head-slots across %d requests", freed, len(rows))
+        logger.info("sglang-evict: reclaimed %d head-slots across %d requests", freed, R)
         return freed
+
+    def _reclaimable_rows(self) -> torch.Tensor:
+        st = self.stats
+        return (st.active & (st.live > 0) & (self.row_evictor >= 0)).nonzero()[:, 0]
 
     def reclaimable(self) -> int:
         """Head-slots that `reclaim` could free now: live minus an upper bound on protected ones
         (sinks plus recent window of every request; a cheap bound, no scoring)."""
-        if self.evictor is None:
+        rows = self._reclaimable_rows()
+        if rows.numel() == 0:
             return 0
-        pol = self.evictor.config.policy
-        protected = 0
-        for st in self.rows.values():
-            protected += min(st.seq_len, pol.sinks + pol.window + 1)
-        return max(0, self.pool.num_live - protected * self.heads_per_token)
+        pols = [self.evictors[i].config.policy for i in range(len(self.evictors))]
+        prot = torch.tensor([p.sinks + p.window + 1 for p in pols], dtype=torch.long)
+        protected = torch.minimum(self.stats.seq_len[rows], prot[self.row_evictor[rows]])
+        live = self.stats.live[rows]
+        return int((live - protected * self.heads_per_token).clamp(min=0).sum())
 
     # ------------------------------------------------------------------ SGLang's side
     def free(self, virtual_ids: torch.Tensor) -> int:
+        """SGLang freed these virtual ids: free their head-slots and take them out of their
+        holders' lists (a whole request at a time, as SGLang releases a row, is the common
+        case: its lists are simply dropped)."""
         ids = virtual_ids.to(self.device, torch.long)
-        ids = ids[(ids >= 0) & (ids < self.pool.num_virtual)]
-        return self.pool.free(torch.unique(ids))
+        ids = torch.unique(ids[(ids >= 0) & (ids < self.pool.num_virtual)])
+        slots = self.pool.slot_map[ids]
+        slots = slots[slots != EVICTED].long()
+        if slots.numel() == 0:
+            return 0
+        owners = self.lists.owner[slots]
+        rows, per_row = torch.unique(owners[owners >= 0], return_counts=True)
+        rows, per_row = rows.cpu().long(), per_row.cpu().long()
+        self.lists.owner[slots] = NO_OWNER
+        freed = self.pool.free(ids)
+        whole = per_row == self.stats.live[rows]
+        self.lists.drop(rows[whole])
+        part = rows[~whole]
+        if part.numel():
+            entries, valid = self.lists.gather(part)
+            keep = valid & (self.lists.owner[entries.clamp(min=0)] == part.to(self.device)[:, None, None])
+            self.lists.compact(part, keep, entries)
+        self.stats.live[rows] -= per_row
+        return freed
 
-    def evictor_of(self, row: int) -> Evictor | None:
-        return self.row_evictors.get(row, self.evictor)
+    def _forget(self, rows: torch.Tensor) -> None:
+        """Rows starting a new request hold nothing (SGLang freed their ids before reuse)."""
+        self.lists.drop(rows)
+        self.stats.live[rows] = 0
 
     def release(self, row: int) -> tuple[RowStats | None, Evictor | None]:
-        evictor = self.row_evictors.pop(row, self.evictor)
-        return self.rows.pop(row, None), evictor
+        evictor = self.evictor_of(row)
+        self.row_evictor[row] = self._evictor_index(self.evictor)
+        if not bool(self.stats.active[row]):
+            return None, evictor
+        stats = self.stats.row(row)
+        self.stats.active[row] = False
+        return stats, evictor
+
+    def row_stats(self, row: int) -> RowStats:
+        return self.stats.row(row)
 
     def reset(self) -> None:
         """SGLang cleared its allocator (flush_cache): every head-slot is free again."""
@@ -305,5 +407,43 @@ class HeadKVCache:
         if bool(live.any()):
             ids = live.flatten(1).any(1).nonzero()[:, 0]
             self.pool.free(ids)
-        self.rows.clear()
-        self.row_evictors.clear()
+        self.lists.reset()
+        self.stats = RowStatsTable(self.stats.active.numel())
+        self.row_evictor.fill_(self._evictor_index(self.evictor))
+
+    # ------------------------------------------------------------------ integrity
+    def check_integrity(self, req_to_token: torch.Tensor | None = None) -> None:
+        """The pool's and the lists' own checks, the host mirrors against the device, and, given
+        req_to_token, each active row's lists against a recomputation from the virtual map."""
+        self.pool.check_integrity()
+        self.lists.check_integrity(self.pool.slot_map, self.pos)
+        lens = self.lists.lens.sum(1).cpu().long()
+        st = self.stats
+        bad = st.active & (lens != st.live)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise RuntimeError(f"row {r}: host live count {int(st.live[r])} != listed {int(lens[r])}")
+        if req_to_token is None:
+            return
+        for r in st.active.nonzero()[:, 0].tolist():  # debug only: a loop is fine here
+            ids = req_to_token[r, : int(st.seq_len[r])].to(self.device, torch.long)
+            n = int(self.pool.slot_map[ids].ne(EVICTED).sum())
+            if n != int(lens[r]):
+                raise RuntimeError(f"row {r}: lists hold {int(lens[r])}, virtual map {n}")
+            entries, valid = self.lists.gather(torch.tensor([r]))
+            for layer in range(self.num_layers):
+                want = self.pool.live_indices([ids], layer).indices.long()
+                H = self.num_kv_heads
+                got = entries[0, layer * H : (layer + 1) * H][valid[0, layer * H : (layer + 1) * H]]
+                if not torch.equal(got, want):
+                    raise RuntimeError(f"row {r} layer {layer}: lists differ from the virtual map")
+
+
+def _host(batch, name: str) -> torch.Tensor:
+    """A batch field as a host int64 tensor, from SGLang's CPU copy when it has one."""
+    cpu = getattr(batch, name + "_cpu", None)
+    if cpu is None:
+        cpu = getattr(batch, name)
+    if isinstance(cpu, torch.Tensor):
+        return cpu.to("cpu", torch.long)
+    return torch.tensor(cpu, dtype=torch.long)

@@ -102,6 +102,9 @@ class HeadSlotPool:
         self.free_slots = torch.arange(
             capacity - 1, -1, -1, dtype=torch.int32, device=self.device
         )
+        # Reverse map: the virtual id each head-slot belongs to (-1 when free), so an entry found
+        # in a live list can be evicted without searching the virtual map.
+        self.slot_vid = torch.full((capacity,), -1, dtype=torch.int32, device=self.device)
         self._num_free = capacity
         self._num_live = 0
 
@@ -152,6 +155,7 @@ class HeadSlotPool:
     # ------------------------------------------------------------------ free stack
     def _push(self, slots: torch.Tensor) -> None:
         k = slots.numel()
+        self.slot_vid[slots.long()] = -1
         self.free_slots[self._num_free : self._num_free + k] = slots.to(torch.int32)
         self._num_free += k
         self._num_live -= k
@@ -177,6 +181,9 @@ class HeadSlotPool:
         slots = self.free_slots[top - need : top].flip(0)
         slots = slots.view(t, self.num_layers, self.num_kv_heads)
         self.slot_map[ids] = slots
+        self.slot_vid[slots.reshape(-1).long()] = ids.repeat_interleave(self.heads_per_token).to(
+            torch.int32
+        )
         self._num_free -= need
         self._num_live += need
         return slots.to(torch.long)
@@ -228,6 +235,19 @@ class HeadSlotPool:
         rows = self.slot_map[ids]
         drop = ~keep.to(self.device) & (rows != EVICTED)
         return self._release(ids, rows, drop)
+
+    def evict_slots(self, slots: torch.Tensor, lh: torch.Tensor) -> int:
+        """Free live head-slots named directly (as a live list holds them): `slots` and their
+        flat (layer * H + head) index `lh`, int64 tensors of one shape, each slot live and listed
+        once (the caller's lists guarantee it; not re-validated on this hot path)."""
+        slots = slots.reshape(-1)
+        k = slots.numel()
+        if k == 0:
+            return 0
+        vids = self.slot_vid[slots].long()
+        self.slot_map.view(self.num_virtual, self.heads_per_token)[vids, lh.reshape(-1)] = EVICTED
+        self._push(slots)
+        return k
 
     def free(self, virtual_ids: torch.Tensor) -> int:
         """Free all remaining head-slots of these tokens; tokens with none left are fine.
@@ -326,6 +346,11 @@ class HeadSlotPool:
             raise HeadSlotIntegrityError(
                 f"head-slot {s} leaked: neither free nor referenced ({leaked.shape[0]} leaked)"
             )
+        vid_of = live.nonzero()[:, 0]
+        if not torch.equal(self.slot_vid[referenced].long(), vid_of):
+            raise HeadSlotIntegrityError("slot_vid disagrees with slot_map for a live head-slot")
+        if bool((self.slot_vid[free] != -1).any()):
+            raise HeadSlotIntegrityError("a free head-slot still names a virtual id")
         n_live = referenced.numel()
         if n_live != self._num_live:
             raise HeadSlotIntegrityError(

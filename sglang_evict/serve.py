@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from sglang_evict.config import (
     ATTENTION_BACKEND,
@@ -26,6 +27,7 @@ from sglang_evict.config import (
     EvictConfigError,
     split_argv,
 )
+from sglang_evict.patches import head_evict
 
 # Fits long-context tests on a 24 GiB machine; SGLang's own CPU default sizes the pool from
 # free RAM (about 14 GiB of KV for the default model), which also makes start-up take ~25 s.
@@ -159,23 +161,46 @@ def with_eviction_settings(config: EvictConfig, argv: list[str]) -> list[str]:
     of evicted KV comes with its own cache backend); the overlap scheduler is turned off so the
     evictor runs between steps, never while the next batch is being prepared."""
     out = list(argv)
-    if not has_flag(out, "--disable-radix-cache"):
-        raise StartupError(
-            f"--evict-policy {config.policy} cannot run with the radix cache yet: add "
-            "--disable-radix-cache"
-        )
-    page = flag_value(out, "--page-size")
-    if page is not None and page != "1":
-        raise StartupError(f"--evict-policy needs --page-size 1 (one token per slot), got {page}")
     if not has_flag(out, "--disable-overlap-schedule"):
         out += ["--disable-overlap-schedule"]
     if not has_flag(out, "--disable-cuda-graph"):
         out += ["--disable-cuda-graph"]
+    why = head_evict.refusal(_server_args_of(out), config.policy)
+    if why is not None:
+        raise StartupError(why)
     total = flag_value(out, "--max-total-tokens")
     if not has_flag(out, "--chunked-prefill-size") and total is not None and total.isdigit():
         # A prefill chunk must fit the physical pool with room to spare (head_evict._check_fits).
         out += ["--chunked-prefill-size", str(max(1, min(4096, int(total) // 2)))]
     return out
+
+
+def _server_args_of(argv: list[str]) -> SimpleNamespace:
+    """The SGLang settings `head_evict.refusal` reads, from a command line (SGLang's own parser
+    is not run before SGLang starts)."""
+
+    def number(*flags: str) -> int:
+        for flag in flags:
+            v = flag_value(argv, flag)
+            if v is not None:
+                try:
+                    return int(v)
+                except ValueError:
+                    raise StartupError(f"{flag} must be an integer, got {v!r}") from None
+        return 1
+
+    return SimpleNamespace(
+        attention_backend=flag_value(argv, "--attention-backend"),
+        disable_radix_cache=has_flag(argv, "--disable-radix-cache"),
+        page_size=number("--page-size"),
+        tp_size=number("--tp-size", "--tp"),
+        pp_size=number("--pp-size", "--pp"),
+        dp_size=number("--dp-size", "--dp"),
+        kv_cache_dtype=flag_value(argv, "--kv-cache-dtype"),
+        speculative_algorithm=flag_value(argv, "--speculative-algorithm"),
+        disable_overlap_schedule=has_flag(argv, "--disable-overlap-schedule"),
+        disable_cuda_graph=has_flag(argv, "--disable-cuda-graph"),
+    )
 
 
 def with_default_gates(config: EvictConfig, model_path: str) -> EvictConfig:

@@ -42,6 +42,8 @@ def evict_server(test_gates_path):
         "--disable-radix-cache",
         "--max-total-tokens", str(POOL),
         "--max-running-requests", "8",
+        # after every step the live lists are checked against the virtual map
+        "--evict-debug-check", "1",
     ]
     with ServerProcess(args) as srv:
         yield srv

@@ -8,102 +8,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_evict.evictor import Evictor, EvictorConfig
-from sglang_evict.head_cache import HeadKVCache
 from sglang_evict.head_slots import EVICTED, HeadSlotPoolFull
-from sglang_evict.kernels.head_store import store_head_slots_reference
-from sglang_evict.policies import make_policy
+
+from head_cache_sim import CacheSim, make_cache
 
 L, H, D = 3, 2, 4
 
 
-class _Mode:
-    def __init__(self, decode: bool):
-        self.decode = decode
-
-    def is_decode(self):
-        return self.decode
-
-    def is_idle(self):
-        return False
-
-
-class _Sim:
-    """SGLang's virtual side: req_to_token rows, a token-id allocator, positions."""
-
-    def __init__(self, cache: HeadKVCache, rows: int = 4, ctx: int = 256):
-        self.cache = cache
-        self.req_to_token = torch.zeros(rows, ctx, dtype=torch.int32)
-        self.lens = [0] * rows
-        self.next_id = 1
-        self.gen = torch.Generator().manual_seed(0)
-
-    def step(self, chunks: dict[int, int], log_beta: float | torch.Tensor = 0.0):
-        """One forward: request row r gets chunks[r] new tokens (all of them decode if every
-        chunk is 1 and every row already holds tokens)."""
-        rows = list(chunks)
-        decode = all(chunks[r] == 1 and self.lens[r] > 0 for r in rows)
-        ids, pos, prefix, ext = [], [], [], []
-        for r in rows:
-            k = chunks[r]
-            new = torch.arange(self.next_id, self.next_id + k)
-            self.next_id += k
-            self.req_to_token[r, self.lens[r]:self.lens[r] + k] = new.int()
-            ids.append(new)
-            pos.append(torch.arange(self.lens[r], self.lens[r] + k))
-            prefix.append(self.lens[r])
-            ext.append(k)
-            self.lens[r] += k
-        batch = SimpleNamespace(
-            out_cache_loc=torch.cat(ids),
-            req_pool_indices=torch.tensor(rows),
-            seq_lens=torch.tensor([self.lens[r] for r in rows]),
-            extend_seq_lens=torch.tensor(ext),
-            extend_prefix_lens=torch.tensor(prefix),
-            positions=torch.cat(pos),
-            forward_mode=_Mode(decode),
-        )
-        self.cache.prepare(batch, self.req_to_token)
-        T = batch.out_cache_loc.numel()
-        for layer in range(L):
-            lb = log_beta if isinstance(log_beta, torch.Tensor) else torch.full((T, H), log_beta)
-            k = torch.randn(T, H, D, generator=self.gen)
-            v = torch.randn(T, H, D, generator=self.gen)
-            self.cache.store(layer, k, v, lb, batch.positions, store_head_slots_reference)
-            self._check_lists(batch, layer)
-        self.cache.after_forward(batch, self.req_to_token)
-        self.cache.pool.check_integrity()
-        return batch
-
-    def _check_lists(self, batch, layer):
-        """The step's ragged lists equal the pool's own per-request live lists."""
-        rows = batch.req_pool_indices.tolist()
-        per_req = [self.req_to_token[r, : self.lens[r]].long() for r in rows]
-        want = self.cache.pool.live_indices(per_req, layer)
-        indptr, indices = self.cache.lists.layer(layer)
-        assert torch.equal(indptr, want.indptr)
-        assert torch.equal(indices.int(), want.indices)
-
-    def free(self, row: int):
-        self.cache.free(self.req_to_token[row, : self.lens[row]])
-        self.cache.release(row)
-        self.lens[row] = 0
-
-
 def _cache(capacity_tokens: int, policy: str | None = "streaming", budget=4, buffer=2, sinks=1):
-    evictor = None
-    if policy is not None:
-        cfg = EvictorConfig(budget=budget, buffer=buffer, policy=make_policy(policy, sinks=sinks))
-        evictor = Evictor(cfg, L, H)
-    return HeadKVCache(
-        num_virtual=512, num_layers=L, num_kv_heads=H, head_dim=D, v_head_dim=D,
-        capacity=capacity_tokens * L * H, dtype=torch.float32, device="cpu", evictor=evictor,
-    )
+    return make_cache(capacity_tokens, L, H, D, policy=policy, budget=budget, buffer=buffer,
+                      sinks=sinks)
 
 
 def test_store_writes_kv_scores_and_positions_into_the_new_head_slots():
     cache = _cache(64, policy=None)
-    sim = _Sim(cache)
+    sim = CacheSim(cache)
     batch = sim.step({0: 5}, log_beta=-0.5)
     slots = cache.pool.slot_map[batch.out_cache_loc.long()].long()  # [5, L, H]
     assert bool((slots >= 0).all())
@@ -113,11 +32,11 @@ def test_store_writes_kv_scores_and_positions_into_the_new_head_slots():
 
 def test_no_eviction_keeps_everything_and_stats_count_it():
     cache = _cache(64, policy=None)
-    sim = _Sim(cache)
+    sim = CacheSim(cache)
     sim.step({0: 6, 1: 3})
     for _ in range(4):
         sim.step({0: 1, 1: 1})
-    st = cache.rows[0]
+    st = cache.row_stats(0)
     assert st.live == st.peak_live == 10 * L * H and st.evicted == 0
     meta = st.as_meta(L * H, None)
     assert meta["compression_ratio"] == 1.0 and meta["full_head_slots"] == 10 * L * H
@@ -125,19 +44,19 @@ def test_no_eviction_keeps_everything_and_stats_count_it():
 
 def test_budget_is_enforced_after_every_step_and_memory_returns():
     cache = _cache(64, budget=4, buffer=2)
-    sim = _Sim(cache)
+    sim = CacheSim(cache)
     trigger = L * H * (4 + 2)
     sim.step({0: 10})  # the prefill alone exceeds M + B
-    assert cache.rows[0].live == L * H * 4
+    assert cache.row_stats(0).live == L * H * 4
     for _ in range(12):
         free_before = cache.pool.num_free
         sim.step({0: 1})
-        st = cache.rows[0]
+        st = cache.row_stats(0)
         assert st.live <= trigger
         if st.free_after_last_evict >= 0:
             assert st.free_after_last_evict > st.free_before_last_evict
         assert cache.pool.num_free >= free_before - L * H
-    st = cache.rows[0]
+    st = cache.row_stats(0)
     assert st.peak_live <= trigger and st.evictions >= 2
     assert st.live + st.evicted == 22 * L * H
     # Streaming keeps the sink and the newest tokens: every survivor of layer 0, head 0.
@@ -151,25 +70,25 @@ def test_budget_is_enforced_after_every_step_and_memory_returns():
 
 def test_a_new_request_on_a_reused_row_starts_fresh_statistics():
     cache = _cache(64)
-    sim = _Sim(cache)
+    sim = CacheSim(cache)
     sim.step({0: 10})
-    assert cache.rows[0].evicted > 0
+    assert cache.row_stats(0).evicted > 0
     sim.free(0)
     sim.step({0: 3})
-    assert cache.rows[0].evicted == 0 and cache.rows[0].seq_len == 3
+    assert cache.row_stats(0).evicted == 0 and cache.row_stats(0).seq_len == 3
 
 
 def test_shortage_reclaims_lowest_scores_across_requests_before_failing():
     # 20 tokens of memory; each request may keep 4 + 6 tokens' worth, so three requests together
     # outgrow the pool and the third prefill must take head-slots from the first two.
     cache = _cache(20, budget=4, buffer=6, sinks=1)
-    sim = _Sim(cache)
+    sim = CacheSim(cache)
     sim.step({0: 9})
     sim.step({1: 9})
     assert cache.pool.num_free == 2 * L * H
     sim.step({2: 6})
     assert cache.reclaims == 1
-    taken = cache.rows[0].reclaimed + cache.rows[1].reclaimed
+    taken = cache.row_stats(0).reclaimed + cache.row_stats(1).reclaimed
     assert taken >= 4 * L * H
     # Sinks (position 0) are protected: every request still has its first token everywhere.
     for r in (0, 1, 2):
@@ -179,7 +98,7 @@ def test_shortage_reclaims_lowest_scores_across_requests_before_failing():
 
 def test_shortage_that_only_protected_entries_could_cover_fails_cleanly():
     cache = _cache(8, budget=4, buffer=4, sinks=8)
-    sim = _Sim(cache)
+    sim = CacheSim(cache)
     sim.step({0: 6})
     with pytest.raises(HeadSlotPoolFull):
         sim.step({1: 4})
@@ -188,10 +107,10 @@ def test_shortage_that_only_protected_entries_could_cover_fails_cleanly():
 
 def test_reset_frees_everything():
     cache = _cache(32)
-    sim = _Sim(cache)
+    sim = CacheSim(cache)
     sim.step({0: 5, 1: 7})
     cache.reset()
-    assert cache.pool.num_free == cache.capacity and not cache.rows
+    assert cache.pool.num_free == cache.capacity and not bool(cache.stats.active.any())
     cache.pool.check_integrity()
 
 

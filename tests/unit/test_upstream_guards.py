@@ -131,6 +131,18 @@ def test_head_evict_targets():
     ]
     assert _params(h.SAMPLING_VERIFY) == ["self", "vocab_size"]
     assert _params(h.PREPARE_EXTEND) == ["self"]
+    assert _params(h.CHECK_ARGS) == ["self"]
+    from sglang.srt.entrypoints import engine
+
+    assert "server_args.check_server_args()" in inspect.getsource(engine)
+    # every setting the start-up refusal reads is a ServerArgs field
+    from sglang.srt.server_args import ServerArgs
+
+    fields = set(ServerArgs.__struct_fields__)
+    for name in ("attention_backend", "disable_radix_cache", "page_size", "tp_size", "pp_size",
+                 "dp_size", "kv_cache_dtype", "speculative_algorithm",
+                 "disable_overlap_schedule", "disable_cuda_graph"):
+        assert name in fields, name
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     assert "custom_params" in inspect.signature(SamplingParams).parameters

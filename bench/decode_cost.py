@@ -1,0 +1,117 @@
+"""Decode cost against context: does a step cost follow the live KV or the whole context?
+
+One request generates G tokens (greedy, ignore_eos, streamed) on each server in turn, in one run
+on one machine; the client notes when each token arrives and reports ms/token per window of W
+tokens. With eviction the live KV is bounded by the budget, so the windows should stay flat;
+vanilla SGLang's attention reads the whole context, so its windows grow.
+
+    .venv/bin/python -P bench/decode_cost.py --new-tokens 2000 --out bench/results/decode_cost.json
+
+Servers: vanilla (SGLang's torch_native backend, full cache), then the sglang_evict backend with
+each --policies entry at --budget (retention uses the default model's packaged gates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import requests
+
+PROMPT = "Write a long, detailed story about a lighthouse keeper and the ships she guides."
+
+
+def token_times(server, new_tokens: int) -> list[tuple[int, float]]:
+    """(tokens generated so far, seconds since the request was sent) per streamed chunk."""
+    t0 = time.perf_counter()
+    r = requests.post(server.url + "/generate", json={
+        "text": PROMPT,
+        "stream": True,
+        "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True},
+    }, stream=True, timeout=7200)
+    r.raise_for_status()
+    marks = []
+    for line in r.iter_lines():
+        if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+            continue
+        meta = json.loads(line[5:])["meta_info"]
+        marks.append((int(meta["completion_tokens"]), time.perf_counter() - t0))
+    return marks
+
+
+def windows(marks: list[tuple[int, float]], width: int) -> list[dict]:
+    """ms/token per window of `width` tokens, from the first token on (prefill excluded)."""
+    out = []
+    edges = list(range(1, marks[-1][0] + 1, width))
+    at = {}
+    for n, t in marks:
+        for e in edges:
+            if e not in at and n >= e:
+                at[e] = (n, t)
+    keys = sorted(at)
+    for a, b in zip(keys, keys[1:]):
+        (n0, t0), (n1, t1) = at[a], at[b]
+        out.append({"from_token": n0, "to_token": n1, "ms_per_token": 1000 * (t1 - t0) / (n1 - n0)})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--new-tokens", type=int, default=2000)
+    p.add_argument("--window", type=int, default=250)
+    p.add_argument("--budget", type=int, default=128)
+    p.add_argument("--buffer", type=int, default=128)
+    p.add_argument("--policies", default="streaming,retention")
+    p.add_argument("--pool", type=int, default=8192, help="--max-total-tokens for every server")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from sglang_evict.server_process import ServerProcess
+
+    common = ["--disable-radix-cache", "--max-total-tokens", str(args.pool)]
+    servers = {"vanilla": common}
+    for pol in filter(None, args.policies.split(",")):
+        servers[pol] = common + ["--evict-policy", pol, "--evict-budget", str(args.budget),
+                                 "--evict-buffer", str(args.buffer)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"new_tokens": args.new_tokens, "window": args.window, "budget": args.budget,
+               "buffer": args.buffer, "servers": {}}
+    for name, sargs in servers.items():
+        print(f"{name}: {' '.join(sargs)}", flush=True)
+        with ServerProcess(sargs, log_path=out.with_suffix(f".{name}.log")) as server:
+            token_times(server, 8)  # warm-up
+            marks = token_times(server, args.new_tokens)
+        w = windows(marks, args.window)
+        results["servers"][name] = {"args": sargs, "windows": w,
+                                    "total_s": marks[-1][1], "tokens": marks[-1][0]}
+        ms = [x["ms_per_token"] for x in w]
+        print(f"  {name}: " + " ".join(f"{m:.0f}" for m in ms)
+              + f"  last/second {ms[-1] / ms[1]:.2f}" if len(ms) > 1 else "", flush=True)
+    out.write_text(json.dumps(results, indent=2))
+    _plot(results, out.with_suffix(".png"))
+    return 0
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results["servers"].items():
+        xs = [(w["from_token"] + w["to_token"]) / 2 for w in r["windows"]]
+        ax.plot(xs, [w["ms_per_token"] for w in r["windows"]], marker="o", label=name)
+    ax.set_xlabel("tokens generated (context grows with them)")
+    ax.set_ylabel("ms / token")
+    ax.set_title(f"Decode cost vs context (M={results['budget']}, B={results['buffer']})")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Settings head-granular eviction cannot serve are refused with one line naming the setting,
+in SGLang's own process (ServerArgs.check_server_args) as well as by `sglang-evict serve`."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_evict.patches.head_evict import HeadEvictError, check_model, refusal
+from sglang_evict.serve import StartupError, with_eviction_settings
+from sglang_evict.config import EvictConfig
+
+GOOD = dict(
+    attention_backend="sglang_evict", disable_radix_cache=True, page_size=1, tp_size=1,
+    pp_size=1, dp_size=1, kv_cache_dtype="auto", speculative_algorithm=None,
+    disable_overlap_schedule=True, disable_cuda_graph=True,
+)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(attention_backend="triton"), "--attention-backend sglang_evict"),
+        (dict(disable_radix_cache=False), "--disable-radix-cache"),
+        (dict(page_size=16), "--page-size 1"),
+        (dict(tp_size=2), "--tp-size 2"),
+        (dict(pp_size=2), "--pp-size 2"),
+        (dict(dp_size=2), "--dp-size 2"),
+        (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),
+        (dict(speculative_algorithm="EAGLE"), "speculative"),
+        (dict(disable_overlap_schedule=False), "--disable-overlap-schedule"),
+        (dict(disable_cuda_graph=False), "--disable-cuda-graph"),
+    ],
+)
+def test_each_unsupported_setting_is_named(change, match):
+    assert refusal(SimpleNamespace(**GOOD), "streaming") is None
+    why = refusal(SimpleNamespace(**{**GOOD, **change}), "streaming")
+    assert why is not None and match in why and "\n" not in why
+
+
+def test_serve_refuses_before_sglang_starts_with_the_same_reason():
+    cfg = EvictConfig(policy="streaming", budget=8)
+    argv = ["--attention-backend", "sglang_evict", "--disable-radix-cache"]
+    assert "--disable-cuda-graph" in with_eviction_settings(cfg, argv)
+    with pytest.raises(StartupError, match="--tp-size 2"):
+        with_eviction_settings(cfg, argv + ["--tp-size", "2"])
+    with pytest.raises(StartupError, match="radix cache"):
+        with_eviction_settings(cfg, ["--attention-backend", "sglang_evict"])
+
+
+def _model(**hf):
+    return SimpleNamespace(hf_text_config=SimpleNamespace(**hf))
+
+
+def test_sliding_window_and_logit_caps_are_refused():
+    check_model(_model())  # Llama: full attention
+    check_model(_model(sliding_window=4096, use_sliding_window=False))  # Qwen2 default
+    with pytest.raises(HeadEvictError, match="sliding-window"):
+        check_model(_model(sliding_window=4096))
+    with pytest.raises(HeadEvictError, match="attn_logit_softcapping"):
+        check_model(_model(attn_logit_softcapping=50.0))
