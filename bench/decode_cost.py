@@ -1,11 +1,17 @@
-"""Decode cost against context: does a step cost follow the live KV or the whole context?
+"""Decode cost against context and against batch size: does a step follow the live KV?
 
-One request generates G tokens (greedy, ignore_eos, streamed) on each server in turn, in one run
-on one machine; the client notes when each token arrives and reports ms/token per window of W
-tokens. With eviction the live KV is bounded by the budget, so the windows should stay flat;
-vanilla SGLang's attention reads the whole context, so its windows grow.
+Context (default): one request generates G tokens (greedy, ignore_eos, streamed) on each server
+in turn, in one run on one machine; the client notes when each token arrives and reports
+ms/token per window of W tokens. With eviction the live KV is bounded by the budget, so the
+windows should stay flat; vanilla SGLang's attention reads the whole context, so its windows grow.
 
     .venv/bin/python -P bench/decode_cost.py --new-tokens 2000 --out bench/results/decode_cost.json
+
+Batch (--batches 1,4,8,16): B requests with C-token prompts (--context) decode together; the step
+time is measured once every request of the batch is decoding (from the last first token on).
+
+    .venv/bin/python -P bench/decode_cost.py --batches 1,4,8,16 --context 2048 \
+        --out bench/results/batch_scaling.json
 
 Servers: vanilla (SGLang's torch_native backend, full cache), then the sglang_evict backend with
 each --policies entry at --budget (retention uses the default model's packaged gates).
@@ -41,6 +47,39 @@ def token_times(server, new_tokens: int) -> list[tuple[int, float]]:
     return marks
 
 
+def batch_step_ms(server, batch: int, context: int, new_tokens: int) -> float:
+    """Median over the batch's requests of ms per decode step once all of them decode."""
+    import concurrent.futures as cf
+
+    def one(i):
+        ids = [1000 + (7 * i + 13 * j) % 20000 for j in range(context)]  # distinct prompts
+        r = requests.post(server.url + "/generate", json={
+            "input_ids": ids, "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
+                                "ignore_eos": True},
+        }, stream=True, timeout=7200)
+        r.raise_for_status()
+        marks = []
+        for line in r.iter_lines():
+            if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+                meta = json.loads(line[5:])["meta_info"]
+                marks.append((int(meta["completion_tokens"]), time.perf_counter()))
+        return marks
+
+    with cf.ThreadPoolExecutor(batch) as ex:
+        runs = list(ex.map(one, range(batch)))
+    t_all = max(m[0][1] for m in runs)  # every request has its first token
+    steps = []
+    for marks in runs:
+        after = [(n, t) for n, t in marks if t >= t_all]
+        if len(after) >= 2:
+            (n0, t0), (n1, t1) = after[0], after[-1]
+            if n1 > n0:
+                steps.append(1000 * (t1 - t0) / (n1 - n0))
+    steps.sort()
+    return steps[len(steps) // 2]
+
+
 def windows(marks: list[tuple[int, float]], width: int) -> list[dict]:
     """ms/token per window of `width` tokens, from the first token on (prefill excluded)."""
     out = []
@@ -65,8 +104,12 @@ def main(argv=None) -> int:
     p.add_argument("--buffer", type=int, default=128)
     p.add_argument("--policies", default="streaming,retention")
     p.add_argument("--pool", type=int, default=8192, help="--max-total-tokens for every server")
+    p.add_argument("--batches", default=None, help="batch mode: batch sizes, e.g. 1,4,8,16")
+    p.add_argument("--context", type=int, default=2048, help="batch mode: prompt tokens")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.batches:
+        return batch_main(args)
     from sglang_evict.server_process import ServerProcess
 
     common = ["--disable-radix-cache", "--max-total-tokens", str(args.pool)]
@@ -83,6 +126,7 @@ def main(argv=None) -> int:
         with ServerProcess(sargs, log_path=out.with_suffix(f".{name}.log")) as server:
             token_times(server, 8)  # warm-up
             marks = token_times(server, args.new_tokens)
+        out.with_suffix(f".{name}.log").unlink(missing_ok=True)
         w = windows(marks, args.window)
         results["servers"][name] = {"args": sargs, "windows": w,
                                     "total_s": marks[-1][1], "tokens": marks[-1][0]}
@@ -91,6 +135,36 @@ def main(argv=None) -> int:
               + f"  last/second {ms[-1] / ms[1]:.2f}" if len(ms) > 1 else "", flush=True)
     out.write_text(json.dumps(results, indent=2))
     _plot(results, out.with_suffix(".png"))
+    return 0
+
+
+def batch_main(args) -> int:
+    from sglang_evict.server_process import ServerProcess
+
+    batches = [int(b) for b in args.batches.split(",")]
+    pool = max(args.pool, max(batches) * (args.context + args.new_tokens + 16))
+    common = ["--disable-radix-cache", "--max-total-tokens", str(pool),
+              "--max-running-requests", str(max(batches)), "--chunked-prefill-size", "4096"]
+    servers = {"vanilla": common}
+    for pol in filter(None, args.policies.split(",")):
+        servers[pol] = common + ["--evict-policy", pol, "--evict-budget", str(args.budget),
+                                 "--evict-buffer", str(args.buffer)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"context": args.context, "new_tokens": args.new_tokens, "budget": args.budget,
+               "buffer": args.buffer, "servers": {}}
+    for name, sargs in servers.items():
+        print(f"{name}: {' '.join(sargs)}", flush=True)
+        rows = {}
+        with ServerProcess(sargs, log_path=out.with_suffix(f".{name}.log")) as server:
+            token_times(server, 8)  # warm-up
+            for b in batches:
+                rows[b] = batch_step_ms(server, b, args.context, args.new_tokens)
+                print(f"  {name} batch {b}: {rows[b]:.1f} ms/step, "
+                      f"{1000 * b / rows[b]:.1f} tokens/s", flush=True)
+        results["servers"][name] = {"args": sargs, "ms_per_step": rows}
+        out.with_suffix(f".{name}.log").unlink(missing_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     return 0
 
 

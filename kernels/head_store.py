@@ -1,7 +1,7 @@
 """Store one layer's new tokens into head-granular buffers in one pass.
 
 Head-granular sibling of `kv_store.store_kv_scores`. Buffers (shared by every layer and KV head;
-one row = one token's K or V for one layer and one KV head, see `sglang_evict.head_slots`):
+one row = one token's K or V for one layer and one KV head, see `sglang_evict.cache.head_slots`):
     k_slots, v_slots   [capacity, head_dim]   float32 / float16 / bfloat16
     log_beta_slots     [capacity]             float32
     pos_slots          [capacity]             int64

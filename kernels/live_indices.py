@@ -1,6 +1,6 @@
 """A step's attention metadata written from the persistent live lists (FlashInfer ragged layout).
 
-Inputs (sglang_evict.live_lists.LiveLists):
+Inputs (sglang_evict.cache.live_lists.LiveLists):
     arena      int32 [num_pages, L*H, P]  head-slot ids; entry j of a holder's list lh sits at
                                           arena[row_pages[row, j // P], lh, j % P]
     row_pages  int32 [rows, pages_per_row]

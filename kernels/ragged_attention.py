@@ -23,6 +23,15 @@ softmax subtracts the running max. Wrappers raise ValueError naming the bad argu
 tensors out-of-range indices / q_req are rejected; on a GPU the kernel masks them (they contribute
 nothing) instead of syncing.
 
+Triton kernels (GPU-grade shapes; on CPU they run under TRITON_INTERPRET=1 in tests):
+    decode  a program per (request, KV head, KV split) computes the whole query group with tl.dot
+            over its split of the list (split bounds from indptr in device memory), then a merge
+            kernel combines the splits by log-sum-exp. `num_splits` only changes the work split.
+    extend  a program per (request, KV head, block of the request's query tokens) holds
+            tokens x group query rows as one tile; the list is read once per tile, scores and
+            P @ V are tl.dot; causality by stored position. Tokens are grouped by request on the
+            device, and the grid is sized from shapes only (no host read).
+
 Each Triton function has two pure-torch twins with the same signature and contract:
     *_reference  ground truth; loops in Python over sequences (and query tokens). Tests only.
     *_torch      vectorised, for serving on CPU: the lists become a padded [R*H_kv, max_len]
@@ -292,36 +301,46 @@ def _decode_merge_kernel(
 @triton.jit
 def _extend_kernel(
     q, k_slots, v_slots, o,
-    indptr, indices, q_pos, q_req, slot_pos,
-    capacity, num_req, head_dim, sm_scale,
+    indptr, indices, q_pos, q_order, q_start, q_count, slot_pos,
+    capacity, head_dim, sm_scale,
     s_q_t, s_q_h, s_q_d,
     s_k_n, s_k_d,
     s_v_n, s_v_d,
     s_o_t, s_o_h, s_o_d,
     H_KV: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    # Grid: (query tokens, query heads).
-    row = tl.program_id(0).to(tl.int64)
-    hq = tl.program_id(1).to(tl.int64)
-    kvh = hq // GROUP
-
+    # Grid: (sequences = requests x KV heads, query blocks). A program takes BLOCK_M query tokens
+    # of one request with the whole query group of its KV head (BLOCK_M * BLOCK_G rows), so a
+    # list is read once per block of tokens, and scores and P @ V are tl.dot tiles.
+    seq = tl.program_id(0).to(tl.int64)
+    mb = tl.program_id(1).to(tl.int64)
+    r = seq // H_KV
+    kvh = seq % H_KV
+    count = tl.load(q_count + r).to(tl.int64)
+    if mb * BLOCK_M >= count:
+        return
+    first = tl.load(q_start + r).to(tl.int64)
+    m = tl.arange(0, BLOCK_M * BLOCK_G).to(tl.int64)
+    i = m // BLOCK_G  # token of the block
+    g = m % BLOCK_G  # query head in the group
+    row_ok = (mb * BLOCK_M + i < count) & (g < GROUP)
+    tok = tl.load(q_order + first + mb * BLOCK_M + i, mask=row_ok, other=0).to(tl.int64)
+    qp = tl.load(q_pos + tok, mask=row_ok, other=-1).to(tl.int64)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
-    d_ok = d < head_dim  # head_dim need not be a power of two
-    qv = tl.load(q + row * s_q_t + hq * s_q_h + d * s_q_d, mask=d_ok, other=0.0).to(tl.float32)
+    d_ok = d < head_dim
+    qmask = row_ok[:, None] & d_ok[None, :]
+    qh = kvh * GROUP + g
+    dot_ty = tl.float32 if DOT_F32 else k_slots.dtype.element_ty
+    qt = tl.load(q + tok[:, None] * s_q_t + qh[:, None] * s_q_h + d[None, :] * s_q_d,
+                 mask=qmask, other=0.0).to(dot_ty)
 
-    req = tl.load(q_req + row).to(tl.int64)
-    qp = tl.load(q_pos + row).to(tl.int64)
-    req_ok = (req >= 0) & (req < num_req)
-    req = tl.where(req_ok, req, 0)
-    seq = req * H_KV + kvh
     start = tl.load(indptr + seq).to(tl.int64)
     end = tl.load(indptr + seq + 1).to(tl.int64)
-    end = tl.where(req_ok, end, start)  # bad request id: attend to nothing
-
-    m_i = tl.full((), float("-inf"), tl.float32)
-    l_i = tl.full((), 0.0, tl.float32)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M * BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M * BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M * BLOCK_G, BLOCK_D), dtype=tl.float32)
     n_off = tl.arange(0, BLOCK_N).to(tl.int64)
     for n0 in range(start, end, BLOCK_N):
         idx = n0 + n_off
@@ -330,22 +349,25 @@ def _extend_kernel(
         ok = ok & (slot >= 0) & (slot < capacity)  # never read outside the pool
         slot = tl.where(ok, slot, 0)
         sp = tl.load(slot_pos + slot, mask=ok, other=0).to(tl.int64)
-        ok = ok & (sp <= qp)
-        m2 = ok[:, None] & d_ok[None, :]
-        kt = tl.load(k_slots + slot[:, None] * s_k_n + d[None, :] * s_k_d, mask=m2, other=0.0).to(tl.float32)
-        s = tl.sum(kt * qv[None, :], axis=1) * sm_scale
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        kvmask = ok[:, None] & d_ok[None, :]
+        kt = tl.load(k_slots + slot[:, None] * s_k_n + d[None, :] * s_k_d, mask=kvmask, other=0.0)
+        s = tl.dot(qt, tl.trans(kt.to(dot_ty))) * sm_scale
+        # causal by stored position, never by list order
+        visible = ok[None, :] & (sp[None, :] <= qp[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe)
+        p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        vt = tl.load(v_slots + slot[:, None] * s_v_n + d[None, :] * s_v_d, mask=m2, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        vt = tl.load(v_slots + slot[:, None] * s_v_n + d[None, :] * s_v_d, mask=kvmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), vt.to(dot_ty))
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
-    out = tl.where(l_i > 0, acc / tl.where(l_i > 0, l_i, 1.0), 0.0)
-    tl.store(o + row * s_o_t + hq * s_o_h + d * s_o_d, out.to(o.dtype.element_ty), mask=d_ok)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = tl.where((l_i > 0)[:, None], out, 0.0)
+    tl.store(o + tok[:, None] * s_o_t + qh[:, None] * s_o_h + d[None, :] * s_o_d,
+             out.to(o.dtype.element_ty), mask=qmask)
 
 
 # Decode splits: enough programs to fill a large GPU whatever the batch (list lengths are read on
@@ -391,24 +413,37 @@ def _launch_decode(q, k_slots, v_slots, o, indptr, indices, H_kv, sm_scale, num_
 
 
 def _launch_extend(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale):
-    rows, H_q, D = q.shape
-    if rows == 0 or H_q == 0 or D == 0:
+    T, H_q, D = q.shape
+    if T == 0 or H_q == 0 or D == 0 or num_req == 0:
+        return
+    if k_slots.shape[0] == 0:
+        o.zero_()
         return
     indptr = indptr.contiguous()
     indices = indices.contiguous()
     if indices.numel() == 0:  # a valid pointer for the (never executed) loads
         indices = torch.zeros(1, dtype=torch.int32, device=q.device)
-    if k_slots.shape[0] == 0:
-        o.zero_()
-        return
-    q_pos, q_req, slot_pos = q_pos.contiguous(), q_req.contiguous(), slot_pos.contiguous()
-    _extend_kernel[(rows, H_q)](
+    G = H_q // H_kv
+    BLOCK_G = triton.next_power_of_2(G)
+    BLOCK_M = max(1, 64 // BLOCK_G)  # 64 query rows per tile (tl.dot needs at least 16)
+    # Each request's tokens, grouped (device ops: stable sort by request, counts, starts); a
+    # bad request id is dropped, so its token attends to nothing (o = 0).
+    req = q_req.long()
+    good = (req >= 0) & (req < num_req)
+    key = torch.where(good, req, torch.full_like(req, num_req))
+    order = torch.argsort(key, stable=True)
+    count = torch.bincount(key, minlength=num_req + 1)[:num_req]
+    start = torch.cumsum(count, 0) - count
+    # The grid is sized without reading the counts back: every request may own every token.
+    blocks = triton.cdiv(T, BLOCK_M)
+    _extend_kernel[(num_req * H_kv, blocks)](
         q, k_slots, v_slots, o,
-        indptr, indices, q_pos, q_req, slot_pos,
-        k_slots.shape[0], num_req, D, float(sm_scale),
+        indptr, indices, q_pos.contiguous(), order, start, count, slot_pos.contiguous(),
+        k_slots.shape[0], D, float(sm_scale),
         *q.stride(), *k_slots.stride(), *v_slots.stride(), *o.stride(),
-        H_KV=H_kv, GROUP=H_q // H_kv,
-        BLOCK_N=_BLOCK_N, BLOCK_D=triton.next_power_of_2(D),
+        H_KV=H_kv, GROUP=G, BLOCK_M=BLOCK_M, BLOCK_G=BLOCK_G,
+        BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        DOT_F32=_INTERPRET and k_slots.dtype == torch.bfloat16,
     )
 
 

@@ -6,7 +6,7 @@ threshold value with four histogram passes of 8 bits each over order-preserving 
 Canonical scores (what every function here ranks, and what the threshold is compared with):
     s = scores with NaN -> -inf and -0.0 -> +0.0
 NaN therefore ranks lowest, tied with -inf; -0.0 and +0.0 are one value (as `==` sees them).
-This is exactly the order of `sglang_evict.policies.keep_mask` (which maps NaN to -inf too).
+This is exactly the order of `sglang_evict.eviction.policies.keep_mask` (which maps NaN to -inf too).
 
 `topk_threshold(scores, budget) -> (threshold, num_above)`, both 0-d tensors on scores' device:
     budget == 0        threshold = +inf,                    num_above = 0

@@ -24,7 +24,7 @@ import logging
 import torch
 
 from sglang_evict.config import EvictConfig
-from sglang_evict.score_store import ScoreStore, bytes_per_slot
+from sglang_evict.cache.score_store import ScoreStore, bytes_per_slot
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def around_cell_size(original, configurator, kvc, num_layers, *args, **kwargs):
 
     heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
     if config.evicting:
-        from sglang_evict.head_cache import bytes_per_token
+        from sglang_evict.backend.head_cache import bytes_per_token
 
         return cell + bytes_per_token(num_layers, heads, config.virtual_factor)
     return cell + bytes_per_slot(num_layers, heads)

@@ -157,8 +157,8 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
         return result
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    from sglang_evict.evictor import Evictor
-    from sglang_evict.head_cache import HeadKVCache
+    from sglang_evict.eviction.evictor import Evictor
+    from sglang_evict.backend.head_cache import HeadKVCache
 
     pool = runner.token_to_kv_pool
     if not isinstance(pool, MHATokenToKVPool):
@@ -346,7 +346,7 @@ _evictors: dict = {}
 
 
 def _evictor_for(cfg: EvictConfig):
-    from sglang_evict.evictor import Evictor
+    from sglang_evict.eviction.evictor import Evictor
 
     ev_cfg = cfg.evictor_config()
     if ev_cfg is None:
@@ -373,7 +373,7 @@ def after_prepare_for_extend(result, batch, *args, **kwargs):
 
 
 def create_backend(runner):
-    from sglang_evict.attention_backend import HeadSlotAttnBackend
+    from sglang_evict.backend.attention_backend import HeadSlotAttnBackend
 
     if _state.cache is None:
         raise HeadEvictError(

@@ -152,8 +152,8 @@ class EvictConfig:
         """The evictor settings of this policy (None for policy none: nothing is evicted)."""
         if self.policy in (None, "none"):
             return None
-        from sglang_evict.evictor import EvictorConfig
-        from sglang_evict.policies import make_policy
+        from sglang_evict.eviction.evictor import EvictorConfig
+        from sglang_evict.eviction.policies import make_policy
 
         name, mode = POLICY_CHOICES[self.policy]
         return EvictorConfig(

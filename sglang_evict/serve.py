@@ -169,9 +169,61 @@ def with_eviction_settings(config: EvictConfig, argv: list[str]) -> list[str]:
     if why is not None:
         raise StartupError(why)
     total = flag_value(out, "--max-total-tokens")
-    if not has_flag(out, "--chunked-prefill-size") and total is not None and total.isdigit():
-        # A prefill chunk must fit the physical pool with room to spare (head_evict._check_fits).
-        out += ["--chunked-prefill-size", str(max(1, min(4096, int(total) // 2)))]
+    if total is not None and total.isdigit():
+        out = with_fitting_sizes(config, out, int(total))
+    return out
+
+
+def _int_flag(argv: list[str], flag: str) -> int | None:
+    v = flag_value(argv, flag)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise StartupError(f"{flag} must be an integer, got {v!r}") from None
+
+
+def with_fitting_sizes(config: EvictConfig, argv: list[str], pool: int) -> list[str]:
+    """Derive what the user left open from the physical pool (`pool` tokens at full size) and
+    the eviction settings, say what was chosen, and refuse only what cannot work: a prefill
+    chunk must leave half the pool free, and every running request's protected tokens (sinks,
+    window, the next token) plus a chunk must fit (head_evict._check_fits, in the scheduler)."""
+    out = list(argv)
+    chosen = []
+    chunk = _int_flag(out, "--chunked-prefill-size")
+    if chunk is None or chunk <= 0:
+        chunk = max(1, min(4096, pool // 2))
+        out += ["--chunked-prefill-size", str(chunk)]
+        chosen.append(f"--chunked-prefill-size {chunk}")
+    elif chunk > pool // 2:
+        raise StartupError(
+            f"--chunked-prefill-size {chunk} exceeds half the physical pool ({pool // 2} of "
+            f"{pool} tokens): eviction needs room beside a prefill chunk"
+        )
+    if config.policy not in (None, "none"):
+        protected = config.sinks + config.window + 1
+        if protected + chunk > pool:
+            raise StartupError(
+                f"one request's protected tokens (sinks {config.sinks} + window {config.window} "
+                f"+ 1) plus a prefill chunk of {chunk} exceed the pool of {pool} tokens"
+            )
+        running = _int_flag(out, "--max-running-requests")
+        if running is None:
+            # Every running request can hold its whole budget (M + B, plus the next token)
+            # without squeezing another; reclaim makes room beyond that only under pressure.
+            running = max(1, (pool - chunk) // (config.budget + config.buffer + 1))
+            out += ["--max-running-requests", str(running)]
+            chosen.append(f"--max-running-requests {running}")
+        elif running * protected + chunk > pool:
+            raise StartupError(
+                f"--max-running-requests {running} x {protected} protected tokens (sinks "
+                f"{config.sinks} + window {config.window} + 1) plus a prefill chunk of {chunk} "
+                f"exceed the pool of {pool} tokens; at most {(pool - chunk) // protected} fit"
+            )
+    if chosen:
+        print(f"sglang-evict: pool of {pool} tokens at full size: chose {', '.join(chosen)}",
+              file=sys.stderr, flush=True)
     return out
 
 

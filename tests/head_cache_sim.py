@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_evict.evictor import Evictor, EvictorConfig
-from sglang_evict.head_cache import HeadKVCache
+from sglang_evict.eviction.evictor import Evictor, EvictorConfig
+from sglang_evict.backend.head_cache import HeadKVCache
 from sglang_evict.kernels.head_store import store_head_slots_reference
-from sglang_evict.policies import make_policy
+from sglang_evict.eviction.policies import make_policy
 
 
 def make_cache(capacity_tokens, L, H, D, *, policy="streaming", budget=4, buffer=2, sinks=1,

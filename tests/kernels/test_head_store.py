@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sglang_evict.head_slots import EVICTED, HeadSlotPool
+from sglang_evict.cache.head_slots import EVICTED, HeadSlotPool
 from sglang_evict.kernels.head_store import store_head_slots, store_head_slots_reference
 
 CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sglang_evict.kernels.live_indices import live_indices, live_indices_reference
-from sglang_evict.live_lists import LiveLists
+from sglang_evict.cache.live_lists import LiveLists
 
 
 def _lists(L, H, rows, P, steps, seed):

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sglang_evict.head_slots import HeadSlotPool
+from sglang_evict.cache.head_slots import HeadSlotPool
 from sglang_evict.kernels.ragged_attention import (
     ragged_decode_attention,
     ragged_decode_attention_reference,

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sglang_evict.kernels.select import select_keep, topk_threshold, topk_threshold_reference
-from sglang_evict.policies import keep_mask
+from sglang_evict.eviction.policies import keep_mask
 
 INF = math.inf
 NAN = math.nan

@@ -14,9 +14,9 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from sglang_evict.evictor import EvictionResult, Evictor, EvictorConfig
-from sglang_evict.head_slots import EVICTED, HeadSlotPool, HeadSlotPoolFull
-from sglang_evict.policies import (
+from sglang_evict.eviction.evictor import EvictionResult, Evictor, EvictorConfig
+from sglang_evict.cache.head_slots import EVICTED, HeadSlotPool, HeadSlotPoolFull
+from sglang_evict.eviction.policies import (
     KnormPolicy,
     NoEvictionPolicy,
     RetentionPolicy,

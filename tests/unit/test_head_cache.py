@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_evict.head_slots import EVICTED, HeadSlotPoolFull
+from sglang_evict.cache.head_slots import EVICTED, HeadSlotPoolFull
 
 from head_cache_sim import CacheSim, make_cache
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from sglang_evict.head_slots import (
+from sglang_evict.cache.head_slots import (
     EVICTED,
     HeadSlotIntegrityError,
     HeadSlotPool,
@@ -223,7 +223,7 @@ def test_evict_mask_rejects_wrong_shape_dtype_and_duplicates(pool):
 
 
 def test_evict_mask_with_policies_keep_mask():
-    from sglang_evict.policies import keep_mask
+    from sglang_evict.eviction.policies import keep_mask
 
     pool = HeadSlotPool(num_virtual=6, num_layers=1, num_kv_heads=2, capacity=12)
     tokens = torch.arange(6)

@@ -10,11 +10,11 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from sglang_evict.evictor import Evictor, EvictorConfig
-from sglang_evict.head_cache import HeadKVCache
-from sglang_evict.head_slots import EVICTED, HeadSlotPoolFull
-from sglang_evict.live_lists import LiveListIntegrityError, LiveLists
-from sglang_evict.policies import make_policy
+from sglang_evict.eviction.evictor import Evictor, EvictorConfig
+from sglang_evict.backend.head_cache import HeadKVCache
+from sglang_evict.cache.head_slots import EVICTED, HeadSlotPoolFull
+from sglang_evict.cache.live_lists import LiveListIntegrityError, LiveLists
+from sglang_evict.eviction.policies import make_policy
 
 from head_cache_sim import CacheSim
 

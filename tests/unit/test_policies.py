@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_evict import policies
+from sglang_evict.eviction import policies
 from sglang_evict.gates import retention_log_alpha, retention_log_alpha_lookahead
-from sglang_evict.policies import (
+from sglang_evict.eviction.policies import (
     POLICIES,
     EvictionPolicy,
     KnormPolicy,

@@ -8,7 +8,7 @@ from torch import nn
 
 from sglang_evict.kernels.kv_store import paged_view, store_kv_scores_reference
 from sglang_evict.patches.gate_attach import GateAttachError, decoder_layers, request_stats
-from sglang_evict.score_store import UNWRITTEN_POS, ScoreStore, bytes_per_slot
+from sglang_evict.cache.score_store import UNWRITTEN_POS, ScoreStore, bytes_per_slot
 
 
 def test_layout_matches_the_store_kernel():

@@ -93,3 +93,30 @@ def test_retention_on_the_default_model_uses_the_packaged_gates(
     other.mkdir()
     plain = config.__class__(policy="retention", budget=8)
     assert serve.with_default_gates(plain, str(other)).gates is None
+
+
+def test_eviction_sizes_fit_the_pool(default_model_path, monkeypatch, capsys):
+    """The reported failure: a 1024-token pool with streaming M=64 used to die in the scheduler
+    (512 running requests x protected tokens + a 512 chunk > pool). serve now derives the
+    running-request limit and the chunk from the pool, says what it chose, and refuses only
+    what cannot fit."""
+    import pytest
+
+    config, out = _evict_argv(
+        default_model_path, monkeypatch, "--disable-radix-cache", "--max-total-tokens", "1024",
+        "--evict-buffer", "32",
+    )
+    assert serve.flag_value(out, "--chunked-prefill-size") == "512"
+    running = int(serve.flag_value(out, "--max-running-requests"))
+    assert running == (1024 - 512) // (8 + 32 + 1)
+    assert "chose --chunked-prefill-size 512, --max-running-requests" in capsys.readouterr().err
+    # the user's own choices are kept when they fit, refused with one line when they cannot
+    _, out = _evict_argv(default_model_path, monkeypatch, "--disable-radix-cache",
+                         "--max-total-tokens", "1024", "--max-running-requests", "100")
+    assert serve.flag_value(out, "--max-running-requests") == "100"
+    with pytest.raises(serve.StartupError, match="at most 102 fit"):
+        _evict_argv(default_model_path, monkeypatch, "--disable-radix-cache",
+                    "--max-total-tokens", "1024", "--max-running-requests", "512")
+    with pytest.raises(serve.StartupError, match="exceeds half the physical pool"):
+        _evict_argv(default_model_path, monkeypatch, "--disable-radix-cache",
+                    "--max-total-tokens", "1024", "--chunked-prefill-size", "600")

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_evict.evictor import Evictor, keep_top
-from sglang_evict.head_slots import EVICTED, HeadSlotPool, HeadSlotPoolFull
+from sglang_evict.eviction.evictor import Evictor, keep_top
+from sglang_evict.cache.head_slots import EVICTED, HeadSlotPool, HeadSlotPoolFull
 from sglang_evict.kernels.live_indices import live_indices, live_indices_reference
-from sglang_evict.live_lists import NO_OWNER, LiveLists
+from sglang_evict.cache.live_lists import NO_OWNER, LiveLists
 
 logger = logging.getLogger(__name__)
 

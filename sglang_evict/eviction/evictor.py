@@ -1,24 +1,24 @@
-"""Per-request evictor: enforce a budget on a request's live head-slots (METHOD.md, Inference).
+"""Evictor: enforce budgets on requests' live head-slots (METHOD.md, Inference).
 
 Two modes (M = budget, B = buffer):
 
-    per_head  TrimKV: a (layer, head) column that holds >= M + B live entries of the request keeps
-              its top M by score; the other columns are left alone.
+    per_head  TrimKV: a (layer, head) list that holds >= M + B live entries of the request keeps
+              its top M by score; the other lists are left alone.
     global    DBTrimKV: one budget L*H*M shared by all layers and heads of the request; when its
               live head-slots exceed L*H*(M + B), the global top L*H*M are kept (per-head lengths
               then differ). `min_per_head` = f keeps at least min(f, live count) entries in every
-              (layer, head): each column's top-f entries are scored +inf before the selection.
+              (layer, head): each list's top-f entries are scored +inf before the selection.
 
-Scores come from `config.policy` (higher = keep, +inf = always kept). The request's entries are
-scored as one [n*L, H] matrix, row = (token, layer) in token order, so the row-major flat index is
-(token, layer, head); ties are broken by the lower flat index (global) or lower token (per head).
-Entries that are not live score -inf and are never kept; a live entry's -inf / NaN score becomes
-the lowest finite float32, so any live entry outranks every non-live one.
+Scores come from `config.policy` (higher = keep, +inf = always kept). `keep_lists` selects for
+many requests at once from their (layer, head) lists laid out [R, L*H, W] (as the live lists
+hold them): no Python loop over requests, lists or entries, and no host read. Ties go to the
+lower (position, layer, head), the order of a request's flat (token, layer, head) index: score
+and tie form one exact int64 key, so one k-th value per request decides its set (`keep_top`, no
+sort). Invalid entries score -inf and are never kept; a live entry's -inf / NaN score becomes the
+lowest finite float32, so any live entry outranks every invalid one.
 
-Selection: selector "torch" uses `policies.keep_mask`; "triton" uses the radix select
-`kernels.select.select_keep` (global mode only). Everything is tensor ops over the request: no
-Python loop over tokens or entries. The only host reads are the live counts that decide whether
-the trigger holds and the counts returned.
+`enforce` applies the same selection to one request read from the virtual map (tests and tools);
+selector "triton" there uses the radix select `kernels.select.select_keep` (global mode only).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 import torch
 
-from sglang_evict.head_slots import EVICTED, HeadSlotPool
-from sglang_evict.policies import EvictionPolicy, ScoreInputs
+from sglang_evict.cache.head_slots import EVICTED, HeadSlotPool
+from sglang_evict.eviction.policies import EvictionPolicy, ScoreInputs
 
 __all__ = ["EvictorConfig", "EvictionResult", "Evictor", "MODES", "SELECTORS", "keep_top"]
 

@@ -1,0 +1,265 @@
+"""GPU check of the kernels at real model shapes: correctness, time, bandwidth. Needs torch and
+triton only (the lent GPU machine has no SGLang and no registry), finishes in a few minutes.
+
+    python bench/gpu_kernels.py --out gpu_kernels.json        # on a CUDA machine
+    TRITON_INTERPRET=1 python bench/gpu_kernels.py --smoke    # tiny shapes on CPU (a test runs it)
+
+For each shape (Qwen3-4B-like: 36 layers, 8 KV heads, 32 query heads, head_dim 128; Llama-8B-like:
+32 layers, 8 KV heads, 32 query heads, head_dim 128; bf16):
+  - decode over live lists (Triton, grouped split-KV) against its torch twin, then its time
+    against dense SDPA over the same number of live tokens per (request, KV head), and FlashInfer's
+    paged decode (page size 1) where flashinfer is installed; bandwidth reached as a share of a
+    measured device-to-device copy;
+  - extend (query tiles) against its torch twin, time against causal SDPA;
+  - the step-metadata kernel (live lists -> indptr/indices) against its torch twin, time for all
+    layers of a batch;
+  - the head-slot store and the radix select against their references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kernels():
+    """sglang_evict.kernels from the installed package, or straight from this checkout's kernels/
+    folder (the GPU machine has neither SGLang nor this package installed)."""
+    try:
+        importlib.import_module("sglang_evict.kernels.ragged_attention")
+    except ImportError:
+        pkg = types.ModuleType("sglang_evict")
+        pkg.__path__ = []
+        sub = types.ModuleType("sglang_evict.kernels")
+        sub.__path__ = [str(ROOT / "kernels")]
+        sys.modules["sglang_evict"], sys.modules["sglang_evict.kernels"] = pkg, sub
+    names = ("ragged_attention", "live_indices", "head_store", "select")
+    return {n: importlib.import_module(f"sglang_evict.kernels.{n}") for n in names}
+
+
+SHAPES = {
+    "qwen3-4b-like": dict(layers=36, kv_heads=8, q_heads=32, head_dim=128),
+    "llama-8b-like": dict(layers=32, kv_heads=8, q_heads=32, head_dim=128),
+}
+SMOKE = {"tiny": dict(layers=2, kv_heads=2, q_heads=4, head_dim=32)}
+
+
+def _time(fn, reps):
+    import torch
+
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def _lists(batch, kv_heads, live, capacity, dev, gen):
+    """Each (request, KV head) holds `live` random head-slots (FlashInfer ragged layout)."""
+    import torch
+
+    seqs = batch * kv_heads
+    indices = torch.randperm(capacity, generator=gen, device="cpu")[: seqs * live].to(dev, torch.int32)
+    indptr = torch.arange(0, seqs * live + 1, live, dtype=torch.int32, device=dev)
+    return indptr, indices
+
+
+def check_decode(k, shape, batch, live, dtype, dev, reps, out):
+    import torch
+    import torch.nn.functional as F
+
+    ra = k["ragged_attention"]
+    H, Hq, D = shape["kv_heads"], shape["q_heads"], shape["head_dim"]
+    gen = torch.Generator().manual_seed(0)
+    capacity = batch * H * live + 1024
+    k_slots = torch.randn(capacity, D, generator=gen).to(dev, dtype)
+    v_slots = torch.randn(capacity, D, generator=gen).to(dev, dtype)
+    indptr, indices = _lists(batch, H, live, capacity, dev, gen)
+    q = torch.randn(batch, Hq, D, generator=gen).to(dev, dtype)
+    sm = 1 / math.sqrt(D)
+    got = ra.ragged_decode_attention(q, k_slots, v_slots, indptr, indices, sm)
+    want = ra.ragged_decode_attention_torch(q, k_slots, v_slots, indptr, indices, sm)
+    err = (got.float() - want.float()).abs().max().item()
+    t_tri = _time(lambda: ra.ragged_decode_attention(q, k_slots, v_slots, indptr, indices, sm), reps)
+    kd = k_slots[indices.long()].view(batch, H, live, D)
+    vd = v_slots[indices.long()].view(batch, H, live, D)
+    qd = q.view(batch, Hq, 1, D)
+    t_sdpa = _time(lambda: F.scaled_dot_product_attention(qd, kd, vd, scale=sm, enable_gqa=True), reps)
+    moved = 2 * batch * H * live * D * k_slots.element_size() + indices.numel() * 4
+    row = dict(kernel="decode", shape=out["shape"], batch=batch, live=live, max_abs_err=err,
+               triton_us=t_tri * 1e6, sdpa_dense_us=t_sdpa * 1e6, triton_vs_sdpa=t_tri / t_sdpa,
+               triton_gbps=moved / t_tri / 1e9)
+    try:
+        import flashinfer  # noqa: F401
+
+        row["flashinfer_us"] = _flashinfer_decode_us(q, k_slots, v_slots, indptr, indices, H, reps)
+    except Exception as e:  # not installed, or an API that moved: say so in the table
+        row["flashinfer"] = f"not run: {type(e).__name__}: {str(e)[:80]}"
+    out["rows"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+def _flashinfer_decode_us(q, k_slots, v_slots, indptr, indices, H, reps):
+    """FlashInfer's paged decode over the same lists: each (request, KV head) a sequence with one
+    KV head and its query group, page size 1."""
+    import flashinfer
+    import torch
+
+    B, Hq, D = q.shape
+    G = Hq // H
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    last = torch.ones(B * H, dtype=torch.int32, device=q.device)
+    wrapper.plan(indptr, indices, last, G, 1, D, 1, q_data_type=q.dtype, kv_data_type=k_slots.dtype)
+    kv = torch.stack([k_slots, v_slots], 1).view(-1, 2, 1, 1, D)
+    qq = q.view(B * H, G, D)
+    return _time(lambda: wrapper.run(qq, kv), reps) * 1e6
+
+
+def check_extend(k, shape, chunk, live, dtype, dev, reps, out):
+    import torch
+    import torch.nn.functional as F
+
+    ra = k["ragged_attention"]
+    H, Hq, D = shape["kv_heads"], shape["q_heads"], shape["head_dim"]
+    gen = torch.Generator().manual_seed(1)
+    capacity = H * (live + chunk) + 1024
+    k_slots = torch.randn(capacity, D, generator=gen).to(dev, dtype)
+    v_slots = torch.randn(capacity, D, generator=gen).to(dev, dtype)
+    indptr, indices = _lists(1, H, live + chunk, capacity, dev, gen)
+    slot_pos = torch.zeros(capacity, dtype=torch.int64, device=dev)
+    for h in range(H):  # positions 0..live+chunk-1 along each list
+        seg = indices[indptr[h]:indptr[h + 1]].long()
+        slot_pos[seg] = torch.arange(seg.numel(), device=dev)
+    q = torch.randn(chunk, Hq, D, generator=gen).to(dev, dtype)
+    q_pos = torch.arange(live, live + chunk, device=dev)
+    q_req = torch.zeros(chunk, dtype=torch.int64, device=dev)
+    sm = 1 / math.sqrt(D)
+    args = (q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm)
+    got = ra.ragged_extend_attention(*args, num_kv_heads=H)
+    want = ra.ragged_extend_attention_torch(*args, num_kv_heads=H)
+    err = (got.float() - want.float()).abs().max().item()
+    t_tri = _time(lambda: ra.ragged_extend_attention(*args, num_kv_heads=H), reps)
+    n = live + chunk
+    kd = k_slots[indices.long()].view(1, H, n, D)
+    vd = v_slots[indices.long()].view(1, H, n, D)
+    qd = q.transpose(0, 1).unsqueeze(0)
+    mask = torch.arange(n, device=dev)[None, :] <= q_pos[:, None]
+    t_sdpa = _time(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=sm,
+                                                          enable_gqa=True), reps)
+    row = dict(kernel="extend", shape=out["shape"], chunk=chunk, live=live, max_abs_err=err,
+               triton_us=t_tri * 1e6, sdpa_dense_us=t_sdpa * 1e6, triton_vs_sdpa=t_tri / t_sdpa)
+    out["rows"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+def check_metadata(k, shape, batch, live, dev, reps, out):
+    import torch
+
+    li = k["live_indices"]
+    L, H = shape["layers"], shape["kv_heads"]
+    P = 16
+    pages_per_row = -(-live // P)
+    rows = batch + 1
+    arena = torch.randint(0, 1 << 30, (rows * pages_per_row, L * H, P), dtype=torch.int32, device=dev)
+    row_pages = torch.arange(rows * pages_per_row, dtype=torch.int32, device=dev).view(rows, pages_per_row)
+    lens = torch.randint(live // 2, live + 1, (rows, L * H), dtype=torch.int32, device=dev)
+    batch_rows = torch.arange(1, rows, device=dev)
+    bound = rows * L * H * live
+    got = li.live_indices(arena, row_pages, lens, batch_rows, L, max_entries=bound)
+    want = li.live_indices_reference(arena, row_pages, lens, batch_rows, L, max_entries=bound)
+    ok = torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    t_tri = _time(lambda: li.live_indices(arena, row_pages, lens, batch_rows, L, max_entries=bound), reps)
+    t_ref = _time(lambda: li.live_indices_reference(arena, row_pages, lens, batch_rows, L,
+                                                    max_entries=bound), reps)
+    row = dict(kernel="live_indices", shape=out["shape"], batch=batch, live=live, equal=ok,
+               triton_us=t_tri * 1e6, torch_us=t_ref * 1e6)
+    out["rows"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+def check_store_and_select(k, shape, tokens, dtype, dev, out):
+    import torch
+
+    hs, sel = k["head_store"], k["select"]
+    H, D = shape["kv_heads"], shape["head_dim"]
+    gen = torch.Generator().manual_seed(2)
+    cap = tokens * H + 64
+    bufs = lambda: (torch.zeros(cap, D, dtype=dtype, device=dev), torch.zeros(cap, D, dtype=dtype, device=dev),
+                    torch.zeros(cap, device=dev), torch.full((cap,), -1, dtype=torch.int64, device=dev))
+    kk = torch.randn(tokens, H, D, generator=gen).to(dev, dtype)
+    lb = -torch.rand(tokens, H, generator=gen).to(dev)
+    pos = torch.arange(tokens, device=dev)
+    loc = torch.randperm(cap, generator=gen)[: tokens * H].view(tokens, H).to(dev)
+    a, b = bufs(), bufs()
+    hs.store_head_slots(*a, kk, kk, lb, pos, loc)
+    hs.store_head_slots_reference(*b, kk, kk, lb, pos, loc)
+    store_ok = all(torch.equal(x, y) for x, y in zip(a, b))
+    scores = torch.randn(tokens * H, generator=gen).to(dev)
+    budget = tokens * H // 3
+    th = sel.topk_threshold(scores, budget)
+    th_ref = sel.topk_threshold_reference(scores, budget)
+    select_ok = torch.equal(th[0], th_ref[0]) and torch.equal(th[1], th_ref[1])
+    row = dict(kernel="store+select", shape=out["shape"], tokens=tokens, store_equal=store_ok,
+               select_equal=select_ok)
+    out["rows"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+def copy_bandwidth_gbps(dev) -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    x = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    t = _time(lambda: y.copy_(x), 20)
+    return 2 * x.numel() / t / 1e9
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, TRITON_INTERPRET=1)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    k = _kernels()
+    shapes = SMOKE if args.smoke else SHAPES
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    reps = 1 if args.smoke else 20
+    out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+           "copy_gbps": copy_bandwidth_gbps(dev), "rows": []}
+    for name, shape in shapes.items():
+        out["shape"] = name
+        cases = [(2, 40)] if args.smoke else [(1, 4096), (16, 2048), (64, 1024)]
+        for batch, live in cases:
+            check_decode(k, shape, batch, live, dtype, dev, reps, out)
+        for chunk, live in ([(8, 24)] if args.smoke else [(512, 4096), (2048, 0)]):
+            check_extend(k, shape, chunk, live, dtype, dev, reps, out)
+        check_metadata(k, shape, 2 if args.smoke else 64, 20 if args.smoke else 1024, dev, reps, out)
+        check_store_and_select(k, shape, 16 if args.smoke else 4096, dtype, dev, out)
+    if out["copy_gbps"]:
+        for row in out["rows"]:
+            if "triton_gbps" in row:
+                row["share_of_copy_bandwidth"] = row["triton_gbps"] / out["copy_gbps"]
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

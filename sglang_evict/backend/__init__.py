@@ -1,0 +1,1 @@
+"""The sglang_evict attention backend and the per-step head-slot cache state behind it."""

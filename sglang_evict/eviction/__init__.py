@@ -1,0 +1,1 @@
+"""Eviction policies (one small interface) and the evictor that selects under a budget."""
