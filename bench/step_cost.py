@@ -50,9 +50,11 @@ def _imports():
         from sglang_evict.head_cache import HeadKVCache
         from sglang_evict.policies import make_policy
         new = False
-    from sglang_evict.kernels.head_store import store_head_slots_reference
+    from sglang_evict.kernels import head_store
     from sglang_evict.kernels.ragged_attention import ragged_decode_attention_torch
-    return HeadKVCache, Evictor, EvictorConfig, make_policy, store_head_slots_reference, \
+    # what the backend stores with on CPU
+    store = getattr(head_store, "store_head_slots_torch", head_store.store_head_slots_reference)
+    return HeadKVCache, Evictor, EvictorConfig, make_policy, store, \
         ragged_decode_attention_torch, new
 
 

@@ -33,7 +33,7 @@ from sglang_evict.kernels.kv_store import (
     _store_grid,
 )
 
-__all__ = ["store_head_slots", "store_head_slots_reference"]
+__all__ = ["store_head_slots", "store_head_slots_reference", "store_head_slots_torch"]
 
 
 def _validate(k_slots, v_slots, log_beta_slots, pos_slots, k, v, log_beta, positions, slot) -> int:
@@ -177,3 +177,35 @@ def store_head_slots_reference(
     v_slots[hs] = v[keep].to(v_slots.dtype)
     log_beta_slots[hs] = log_beta[keep].to(torch.float32)
     pos_slots[hs] = positions.long()[:, None].expand_as(slot)[keep]
+
+
+def store_head_slots_torch(
+    k_slots: torch.Tensor,
+    v_slots: torch.Tensor,
+    log_beta_slots: torch.Tensor,
+    pos_slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_beta: torch.Tensor,
+    positions: torch.Tensor,
+    slot: torch.Tensor,
+) -> None:
+    """Pure-torch twin of `store_head_slots` for serving on CPU: same signature, contract and
+    bits. A step's head-slots are all allocated, so the common case is four index_copy_ calls
+    with no mask; any -1 or out-of-range id takes the reference's path (which skips or rejects)."""
+    T = _validate(k_slots, v_slots, log_beta_slots, pos_slots, k, v, log_beta, positions, slot)
+    if T == 0:
+        return
+    flat = slot.reshape(-1)
+    lo, hi = torch.aminmax(flat)
+    if int(lo) < 0 or int(hi) >= k_slots.shape[0] or k_slots.stride(1) != 1:
+        store_head_slots_reference(
+            k_slots, v_slots, log_beta_slots, pos_slots, k, v, log_beta, positions, slot
+        )
+        return
+    idx = flat.long()
+    D = k_slots.shape[1]
+    k_slots.index_copy_(0, idx, k.reshape(-1, D).to(k_slots.dtype))
+    v_slots.index_copy_(0, idx, v.reshape(-1, v_slots.shape[1]).to(v_slots.dtype))
+    log_beta_slots.index_copy_(0, idx, log_beta.reshape(-1).to(torch.float32))
+    pos_slots.index_copy_(0, idx, positions.long()[:, None].expand_as(slot).reshape(-1))

@@ -29,7 +29,7 @@ class HeadSlotAttnBackend(AttentionBackend):
             self._decode = ragged_attention.ragged_decode_attention
             self._extend = ragged_attention.ragged_extend_attention
         else:
-            self._store = head_store.store_head_slots_reference
+            self._store = head_store.store_head_slots_torch
             self._decode = ragged_attention.ragged_decode_attention_torch
             self._extend = ragged_attention.ragged_extend_attention_torch
 

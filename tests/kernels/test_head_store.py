@@ -12,7 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sglang_evict.cache.head_slots import EVICTED, HeadSlotPool
-from sglang_evict.kernels.head_store import store_head_slots, store_head_slots_reference
+from sglang_evict.kernels.head_store import (
+    store_head_slots,
+    store_head_slots_reference,
+    store_head_slots_torch,
+)
 
 CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Sentinels the kernel can never write: log beta <= 0 and positions >= 0.
@@ -20,7 +24,8 @@ LB_SENTINEL = 7.5
 POS_SENTINEL = -3
 
 BOTH = pytest.mark.parametrize(
-    "fn", [store_head_slots, store_head_slots_reference], ids=["triton", "reference"]
+    "fn", [store_head_slots, store_head_slots_reference, store_head_slots_torch],
+    ids=["triton", "reference", "torch"],
 )
 
 
@@ -54,10 +59,13 @@ def assert_equal_bufs(actual, expected):
 
 
 def run_both(bufs, *tokens):
-    tri, ref = clone(bufs), clone(bufs)
+    """Triton and the CPU serving twin each write the reference's bits."""
+    tri, ref, twin = clone(bufs), clone(bufs), clone(bufs)
     store_head_slots(*tri, *tokens)
     store_head_slots_reference(*ref, *tokens)
+    store_head_slots_torch(*twin, *tokens)
     assert_equal_bufs(tri, ref)
+    assert_equal_bufs(twin, ref)
     return tri
 
 
