@@ -112,11 +112,7 @@ def main(argv=None) -> int:
         return batch_main(args)
     from sglang_evict.server_process import ServerProcess
 
-    common = ["--disable-radix-cache", "--max-total-tokens", str(args.pool)]
-    servers = {"vanilla": common}
-    for pol in filter(None, args.policies.split(",")):
-        servers[pol] = common + ["--evict-policy", pol, "--evict-budget", str(args.budget),
-                                 "--evict-buffer", str(args.buffer)]
+    servers = _servers(args, ["--disable-radix-cache", "--max-total-tokens", str(args.pool)])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"new_tokens": args.new_tokens, "window": args.window, "budget": args.budget,
@@ -138,17 +134,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def _servers(args, common: list[str]) -> dict[str, list[str]]:
+    """Vanilla SGLang, then one eviction server per --policies entry, on the same settings."""
+    servers = {"vanilla": common}
+    for pol in filter(None, args.policies.split(",")):
+        servers[pol] = common + ["--evict-policy", pol, "--evict-budget", str(args.budget),
+                                 "--evict-buffer", str(args.buffer)]
+    return servers
+
+
 def batch_main(args) -> int:
     from sglang_evict.server_process import ServerProcess
 
     batches = [int(b) for b in args.batches.split(",")]
     pool = max(args.pool, max(batches) * (args.context + args.new_tokens + 16))
-    common = ["--disable-radix-cache", "--max-total-tokens", str(pool),
-              "--max-running-requests", str(max(batches)), "--chunked-prefill-size", "4096"]
-    servers = {"vanilla": common}
-    for pol in filter(None, args.policies.split(",")):
-        servers[pol] = common + ["--evict-policy", pol, "--evict-budget", str(args.budget),
-                                 "--evict-buffer", str(args.buffer)]
+    servers = _servers(args, ["--disable-radix-cache", "--max-total-tokens", str(pool),
+                              "--max-running-requests", str(max(batches)),
+                              "--chunked-prefill-size", "4096"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"context": args.context, "new_tokens": args.new_tokens, "budget": args.budget,

@@ -204,6 +204,20 @@ def _check_q_req(q_req, num_req):
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
+def _online_softmax_block(s, vt, acc, l_i, m_i, dot_ty: tl.constexpr):
+    """One block of the online softmax: scores s [rows, BLOCK_N] (masked -inf), values vt
+    [BLOCK_N, D]; returns the rescaled (acc, l_i, m_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row whose keys so far are all masked has max -inf: subtract 0 so exp gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), vt.to(dot_ty))
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _decode_split_kernel(
     q, k_slots, v_slots, indptr, indices, o_part, lse_part,
     capacity, head_dim, sm_scale,
@@ -250,15 +264,8 @@ def _decode_split_kernel(
         kt = tl.load(k_slots + slot[:, None] * s_k_n + d[None, :] * s_k_d, mask=kvmask, other=0.0)
         s = tl.dot(qt, tl.trans(kt.to(dot_ty))) * sm_scale  # [BLOCK_G, BLOCK_N], float32 accumulation
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row whose keys so far are all masked has max -inf: subtract 0 so exp gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
         vt = tl.load(v_slots + slot[:, None] * s_v_n + d[None, :] * s_v_d, mask=kvmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), vt.to(dot_ty))
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_block(s, vt, acc, l_i, m_i, dot_ty)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -355,14 +362,8 @@ def _extend_kernel(
         # causal by stored position, never by list order
         visible = ok[None, :] & (sp[None, :] <= qp[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
         vt = tl.load(v_slots + slot[:, None] * s_v_n + d[None, :] * s_v_d, mask=kvmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), vt.to(dot_ty))
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_block(s, vt, acc, l_i, m_i, dot_ty)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out = tl.where((l_i > 0)[:, None], out, 0.0)
