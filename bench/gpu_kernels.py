@@ -148,10 +148,12 @@ def check_extend(k, shape, chunk, live, dtype, dev, reps, out):
     q_req = torch.zeros(chunk, dtype=torch.int64, device=dev)
     sm = 1 / math.sqrt(D)
     args = (q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm)
-    got = ra.ragged_extend_attention(*args, num_kv_heads=H)
+    # positions run along each list, as in the live lists: tiles stop at their last visible key
+    got = ra.ragged_extend_attention(*args, num_kv_heads=H, positions_sorted=True)
     want = ra.ragged_extend_attention_torch(*args, num_kv_heads=H)
     err = (got.float() - want.float()).abs().max().item()
-    t_tri = _time(lambda: ra.ragged_extend_attention(*args, num_kv_heads=H), reps)
+    t_tri = _time(lambda: ra.ragged_extend_attention(*args, num_kv_heads=H, positions_sorted=True),
+                  reps)
     n = live + chunk
     kd = k_slots[indices.long()].view(1, H, n, D)
     vd = v_slots[indices.long()].view(1, H, n, D)

@@ -317,6 +317,7 @@ def _extend_kernel(
     H_KV: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    POSITIONS_SORTED: tl.constexpr,
 ):
     # Grid: (sequences = requests x KV heads, query blocks). A program takes BLOCK_M query tokens
     # of one request with the whole query group of its KV head (BLOCK_M * BLOCK_G rows), so a
@@ -345,6 +346,20 @@ def _extend_kernel(
 
     start = tl.load(indptr + seq).to(tl.int64)
     end = tl.load(indptr + seq + 1).to(tl.int64)
+    if POSITIONS_SORTED:
+        # The list is in position order: the keys this tile can see are a prefix of it. Binary
+        # search its end (log2 of the list's length in scalar loads) and never read past it.
+        q_last = tl.max(tl.where(row_ok, qp, -1), axis=0)
+        lo = start
+        hi = end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            mslot = tl.load(indices + mid).to(tl.int64)
+            mslot = tl.where((mslot >= 0) & (mslot < capacity), mslot, 0)
+            before = tl.load(slot_pos + mslot).to(tl.int64) <= q_last
+            lo = tl.where(before, mid + 1, lo)
+            hi = tl.where(before, hi, mid)
+        end = lo
     m_i = tl.full((BLOCK_M * BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M * BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M * BLOCK_G, BLOCK_D), dtype=tl.float32)
@@ -413,7 +428,8 @@ def _launch_decode(q, k_slots, v_slots, o, indptr, indices, H_kv, sm_scale, num_
     )
 
 
-def _launch_extend(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale):
+def _launch_extend(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale,
+                   positions_sorted):
     T, H_q, D = q.shape
     if T == 0 or H_q == 0 or D == 0 or num_req == 0:
         return
@@ -445,6 +461,7 @@ def _launch_extend(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_p
         H_KV=H_kv, GROUP=G, BLOCK_M=BLOCK_M, BLOCK_G=BLOCK_G,
         BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
         DOT_F32=_INTERPRET and k_slots.dtype == torch.bfloat16,
+        POSITIONS_SORTED=bool(positions_sorted),
     )
 
 
@@ -464,9 +481,11 @@ def ragged_decode_attention(
 
 def ragged_extend_attention(
     q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale: float,
-    *, num_kv_heads: int | None = None,
+    *, num_kv_heads: int | None = None, positions_sorted: bool = False,
 ) -> torch.Tensor:
-    """Extend (prefill) attention over live head-slot lists, causal by stored position (Triton)."""
+    """Extend (prefill) attention over live head-slot lists, causal by stored position (Triton).
+    positions_sorted=True promises every list is in increasing position (the live lists are):
+    each query tile then stops at its last visible key instead of scanning the whole list."""
     H_kv, num_req = _validate_extend(
         q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale, num_kv_heads
     )
@@ -474,7 +493,8 @@ def ragged_extend_attention(
         _check_ranges(indptr, indices, k_slots.shape[0])
         _check_q_req(q_req, num_req)
     o = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    _launch_extend(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale)
+    _launch_extend(q, k_slots, v_slots, o, indptr, indices, q_pos, q_req, slot_pos, num_req, H_kv, sm_scale,
+                   positions_sorted)
     return o
 
 
@@ -517,9 +537,10 @@ def ragged_decode_attention_reference(q, k_slots, v_slots, indptr, indices, sm_s
 
 def ragged_extend_attention_reference(
     q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale: float,
-    *, num_kv_heads: int | None = None,
+    *, num_kv_heads: int | None = None, positions_sorted: bool = False,
 ) -> torch.Tensor:
-    """Pure-torch ground truth of `ragged_extend_attention` (same signature and contract)."""
+    """Pure-torch ground truth of `ragged_extend_attention` (same signature and contract; it
+    reads every key whatever `positions_sorted` promises)."""
     H_kv, num_req = _validate_extend(
         q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale, num_kv_heads
     )
@@ -686,9 +707,10 @@ def ragged_decode_attention_torch(q, k_slots, v_slots, indptr, indices, sm_scale
 
 def ragged_extend_attention_torch(
     q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale: float,
-    *, num_kv_heads: int | None = None,
+    *, num_kv_heads: int | None = None, positions_sorted: bool = False,
 ) -> torch.Tensor:
-    """Vectorised pure-torch `ragged_extend_attention` (same signature and contract), for CPU."""
+    """Vectorised pure-torch `ragged_extend_attention` (same signature and contract), for CPU.
+    It sorts each list by position itself, so `positions_sorted` changes nothing here."""
     H_kv, num_req = _validate_extend(
         q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm_scale, num_kv_heads
     )

@@ -280,10 +280,10 @@ def before_release_kv_cache(req, tree_cache, *args, **kwargs):
     row = req.kv.req_pool_idx
     if row is None:
         return None
-    from sglang_evict.patches import head_evict
+    from sglang_evict.patches import evict_step
 
     # Always hand the row's eviction statistics over: the row may be reused next step.
-    evict_stats = head_evict.release_stats(req, row)
+    evict_stats = evict_step.release_stats(req, row)
     if not req.finished():
         return None
     entry = dict(evict_stats or {})

@@ -27,7 +27,7 @@ from sglang_evict.config import (
     EvictConfigError,
     split_argv,
 )
-from sglang_evict.patches import head_evict
+from sglang_evict.patches import evict_refusals
 
 # Fits long-context tests on a 24 GiB machine; SGLang's own CPU default sizes the pool from
 # free RAM (about 14 GiB of KV for the default model), which also makes start-up take ~25 s.
@@ -165,7 +165,7 @@ def with_eviction_settings(config: EvictConfig, argv: list[str]) -> list[str]:
         out += ["--disable-overlap-schedule"]
     if not has_flag(out, "--disable-cuda-graph"):
         out += ["--disable-cuda-graph"]
-    why = head_evict.refusal(_server_args_of(out), config.policy)
+    why = evict_refusals.refusal(_server_args_of(out), config.policy)
     if why is not None:
         raise StartupError(why)
     total = flag_value(out, "--max-total-tokens")
@@ -188,7 +188,7 @@ def with_fitting_sizes(config: EvictConfig, argv: list[str], pool: int) -> list[
     """Derive what the user left open from the physical pool (`pool` tokens at full size) and
     the eviction settings, say what was chosen, and refuse only what cannot work: a prefill
     chunk must leave half the pool free, and every running request's protected tokens (sinks,
-    window, the next token) plus a chunk must fit (head_evict._check_fits, in the scheduler)."""
+    window, the next token) plus a chunk must fit (evict_pool._check_fits, in the scheduler)."""
     out = list(argv)
     chosen = []
     chunk = _int_flag(out, "--chunked-prefill-size")
@@ -228,7 +228,7 @@ def with_fitting_sizes(config: EvictConfig, argv: list[str], pool: int) -> list[
 
 
 def _server_args_of(argv: list[str]) -> SimpleNamespace:
-    """The SGLang settings `head_evict.refusal` reads, from a command line (SGLang's own parser
+    """The SGLang settings `evict_refusals.refusal` reads, from a command line (SGLang's own parser
     is not run before SGLang starts)."""
 
     def number(*flags: str) -> int:

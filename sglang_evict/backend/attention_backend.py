@@ -77,6 +77,7 @@ class HeadSlotAttnBackend(AttentionBackend):
             indices,
             layer.scaling,
             num_kv_heads=layer.tp_k_head_num,
+            positions_sorted=True,  # the live lists are kept in position order
         )
         return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 

@@ -20,6 +20,7 @@ from sglang_evict.kernels.ragged_attention import (
     ragged_decode_attention_reference,
     ragged_extend_attention,
     ragged_extend_attention_reference,
+    ragged_extend_attention_torch,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -396,3 +397,24 @@ def test_decode_long_list_many_splits():
     got = ragged_decode_attention(*decode_args(p), sm, num_splits=8)
     exp = ragged_decode_attention_reference(*decode_args(p), sm)
     torch.testing.assert_close(got.float(), exp.float(), atol=ATOL[torch.bfloat16], rtol=RTOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_extend_with_position_sorted_lists_stops_early_and_agrees(seed):
+    """Lists in position order (as the live lists keep them) with positions_sorted=True: each
+    query tile binary-searches its last visible key; the result equals the reference's, which
+    reads every key. Queries are interleaved across requests and sit at every position."""
+    p = build_problem([31, 0, 70], 2, 3, 48, torch.float32, 300, 0.8, seed=seed, q_per_req=5)
+    indptr, indices, pos = p["indptr"].long(), p["indices"].clone(), p["slot_pos"]
+    for s in range(indptr.numel() - 1):
+        a, b = int(indptr[s]), int(indptr[s + 1])
+        seg = indices[a:b]
+        indices[a:b] = seg[torch.argsort(pos[seg.long()], stable=True)]
+    for shrink in (1, 4):  # /4: every tile's last query sits well inside its lists
+        args = (p["q_ext"], p["q_pos"] // shrink, p["q_req"], p["k_slots"], p["v_slots"], pos,
+                p["indptr"], indices, 0.2)
+        got = ragged_extend_attention(*args, num_kv_heads=2, positions_sorted=True)
+        exp = ragged_extend_attention_reference(*args, num_kv_heads=2)
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+        twin = ragged_extend_attention_torch(*args, num_kv_heads=2, positions_sorted=True)
+        torch.testing.assert_close(twin, exp, atol=1e-5, rtol=1e-5)

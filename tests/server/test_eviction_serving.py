@@ -175,6 +175,37 @@ def test_8_concurrent_requests_in_a_pool_that_fits_2(evict_server, hf_model):
     assert "#running-req: 8" in log
 
 
+def test_shortage_reclaim_cannot_cover_retracts_and_completes_later(evict_server, hf_model):
+    """Two requests that asked for policy none (never evicted, never reclaimed from) together
+    outgrow the physical pool: the decode check sees that eviction cannot make room, SGLang
+    retracts one (its log and the request's num_retractions say so), and the retracted request
+    completes after the other; the scheduler survives and serves the next request."""
+    _, tokenizer = hf_model
+    prompts = [tokenizer(f"Shortage {i}: the river flows")["input_ids"] for i in range(2)]
+    new_tokens = [POOL // 2 + 16 - len(p) for p in prompts]  # each holds half the pool + 16
+    log_before = evict_server.log_path.read_text(errors="replace")
+
+    def run(ids, k):
+        return requests.post(evict_server.url + "/generate", json={
+            "input_ids": ids,
+            "sampling_params": {"temperature": 0, "max_new_tokens": k, "ignore_eos": True,
+                                "custom_params": {"sglang_evict": {"policy": "none"}}},
+        }, timeout=900)
+
+    with cf.ThreadPoolExecutor(2) as ex:
+        bodies = [f.result() for f in [ex.submit(run, p, k) for p, k in zip(prompts, new_tokens)]]
+    for r, k in zip(bodies, new_tokens):
+        r.raise_for_status()
+        assert r.json()["meta_info"]["completion_tokens"] == k
+        assert _evict_meta(r.json())["evicted_head_slots"] == 0
+    assert sum(r.json()["meta_info"]["num_retractions"] for r in bodies) >= 1
+    log = evict_server.log_path.read_text(errors="replace")[len(log_before):]
+    assert "KV cache pool is full. Retract requests." in log
+    after = _long_generate(evict_server, prompts[0], 8)
+    after.raise_for_status()
+    assert after.json()["meta_info"]["completion_tokens"] == 8
+
+
 def test_per_request_policy_override_and_bad_overrides(evict_server, hf_model):
     """custom_params.sglang_evict picks the policy and budget of one request; a malformed one is
     refused with the request (HTTP 400 naming the field) and the server keeps serving."""

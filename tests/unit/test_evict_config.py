@@ -100,16 +100,16 @@ def test_bad_eviction_flags(argv, message):
 
 
 def test_per_request_override_merges_over_the_server_settings(monkeypatch):
-    from sglang_evict.patches import head_evict
+    from sglang_evict.patches import evict_requests, evict_state
 
     server, _ = split_argv(["--evict-policy", "streaming", "--evict-budget", "64",
                             "--evict-sinks", "2"])
-    monkeypatch.setattr(head_evict._state, "config", server)
-    assert head_evict.request_config(None) is None
-    assert head_evict.request_config({"other": 1}) is None
-    cfg = head_evict.request_config({"sglang_evict": {"budget": 8, "window": 4}})
+    monkeypatch.setattr(evict_state._state, "config", server)
+    assert evict_requests.request_config(None) is None
+    assert evict_requests.request_config({"other": 1}) is None
+    cfg = evict_requests.request_config({"sglang_evict": {"budget": 8, "window": 4}})
     assert (cfg.policy, cfg.budget, cfg.window, cfg.sinks) == ("streaming", 8, 4, 2)
-    full = head_evict.request_config({"sglang_evict": {"policy": "none"}})
+    full = evict_requests.request_config({"sglang_evict": {"policy": "none"}})
     assert full.evictor_config() is None
     for bad, message in [
         ({"sglang_evict": {"budget": 0}}, "--evict-budget must be >= 1"),
@@ -119,10 +119,10 @@ def test_per_request_override_merges_over_the_server_settings(monkeypatch):
         ({"sglang_evict": 3}, "must be an object"),
     ]:
         with pytest.raises(ValueError, match=message):
-            head_evict.request_config(bad)
-    monkeypatch.setattr(head_evict._state, "config", EvictConfig())
+            evict_requests.request_config(bad)
+    monkeypatch.setattr(evict_state._state, "config", EvictConfig())
     with pytest.raises(ValueError, match="started without --evict-policy"):
-        head_evict.request_config({"sglang_evict": {"budget": 8}})
+        evict_requests.request_config({"sglang_evict": {"budget": 8}})
 
 
 def test_retention_needs_gates():

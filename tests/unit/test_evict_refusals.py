@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_evict.patches.head_evict import HeadEvictError, check_model, refusal
+from sglang_evict.patches.evict_pool import check_model
+from sglang_evict.patches.evict_refusals import refusal
+from sglang_evict.patches.evict_state import HeadEvictError
 from sglang_evict.serve import StartupError, with_eviction_settings
 from sglang_evict.config import EvictConfig
 

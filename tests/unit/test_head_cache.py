@@ -115,7 +115,8 @@ def test_reset_frees_everything():
 
 
 def test_start_up_refuses_pools_one_step_could_outgrow():
-    from sglang_evict.patches.head_evict import HeadEvictError, _check_fits
+    from sglang_evict.patches.evict_pool import _check_fits
+    from sglang_evict.patches.evict_state import HeadEvictError
 
     cache = _cache(64, sinks=4)
     runner = SimpleNamespace(server_args=SimpleNamespace(chunked_prefill_size=32),
@@ -129,3 +130,52 @@ def test_start_up_refuses_pools_one_step_could_outgrow():
     with pytest.raises(HeadEvictError, match="lower --max-running-requests"):
         _check_fits(runner, cache, 64)
     _check_fits(runner, _cache(64, policy=None), 64)  # nothing protected without an evictor
+
+
+def test_prefill_admission_counts_the_physical_pool(monkeypatch):
+    """SGLang admits prefills against its oversubscribed virtual pool; the hooks admit a request
+    only when its next chunk fits the whole tokens free or reclaimable in the physical pool, and
+    charge what they admitted against the round."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    from sglang_evict.patches import evict_admission as adm
+    from sglang_evict.patches import evict_state
+
+    cache = _cache(20, budget=4, buffer=6, sinks=1)
+    sim = CacheSim(cache)
+    sim.step({0: 9})
+    monkeypatch.setattr(evict_state._state, "cache", cache)
+    # 11 tokens free; request 0 holds 9, of which sink + newest (2 tokens) are protected
+    assert cache.pool.num_free == 11 * L * H and cache.reclaimable() == 7 * L * H
+    adder = SimpleNamespace(rem_chunk_tokens=12, can_run_list=[])
+    adm.after_prefill_adder_init(None, adder)
+    assert adder._evict_tokens_left == 18
+
+    def admit(adder, req, *args):  # SGLang's admission: the next chunk, at most rem_chunk_tokens
+        req.extend_end = req.prefix_len + min(len(req.full_untruncated_fill_ids) - req.prefix_len,
+                                              adder.rem_chunk_tokens)
+        adder.can_run_list.append(req)
+        return AddReqResult.CONTINUE
+
+    def req(n, prefix=0):
+        return SimpleNamespace(full_untruncated_fill_ids=list(range(n)), prefix_len=prefix)
+
+    assert adm.around_add_one_req(admit, adder, req(10), False, None) == AddReqResult.CONTINUE
+    assert adder._evict_tokens_left == 8
+    big = req(10)
+    assert adm.around_add_one_req(admit, adder, big, False, None) == AddReqResult.NO_TOKEN
+    assert big not in adder.can_run_list  # refused whole, never truncated to fit
+    # a long prompt is admitted by its first chunk, continued only when the next chunk fits
+    adder = SimpleNamespace(rem_chunk_tokens=12, can_run_list=[])
+    adm.after_prefill_adder_init(None, adder)
+    long = req(40)
+    adm.around_add_one_req(admit, adder, long, False, None)
+    assert long.extend_end == 12 and adder._evict_tokens_left == 6
+    long.prefix_len = 12
+    assert adm.around_add_chunked_req(admit, adder, long) is long  # parked for a later round
+    assert long.extend_end == 12
+    # a request that may never be reclaimed from (policy none) leaves only what is free
+    cache.set_row_evictor(0, None)
+    adder = SimpleNamespace(rem_chunk_tokens=None, can_run_list=[])
+    adm.after_prefill_adder_init(None, adder)
+    assert adder._evict_tokens_left == 11

@@ -117,9 +117,24 @@ def test_attention_modules_take_positions_hidden_states_forward_batch(attention)
 
 
 def test_head_evict_targets():
-    from sglang_evict.patches import head_evict as h
+    from types import SimpleNamespace
 
-    assert h.SGLANG_VERSION == version("sglang")
+    from sglang_evict.patches import (
+        evict_admission,
+        evict_pool,
+        evict_refusals,
+        evict_requests,
+        evict_state,
+        evict_step,
+        head_evict,
+    )
+
+    # every hook module registered by head_evict, and their targets under one name here
+    assert set(head_evict.HOOKS) == {evict_refusals, evict_pool, evict_admission, evict_step,
+                                     evict_requests}
+    h = SimpleNamespace(**{k: v for m in head_evict.HOOKS for k, v in vars(m).items()
+                           if k.isupper()})
+    assert evict_state.SGLANG_VERSION == version("sglang")
     assert _params(h.DERIVE_SIZES) == ["self", "config"]
     assert _params(h.CREATE_BUFFERS) == ["self"]
     assert _params(h.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
@@ -132,6 +147,21 @@ def test_head_evict_targets():
     assert _params(h.SAMPLING_VERIFY) == ["self", "vocab_size"]
     assert _params(h.PREPARE_EXTEND) == ["self"]
     assert _params(h.CHECK_ARGS) == ["self"]
+    # prefill admission in physical terms: what the hooks read and how SGLang admits
+    assert _params(h.PREFILL_ADDER)[:1] == ["self"]
+    assert _params(h.ADD_ONE_REQ) == ["self", "req", "has_chunked_req", "truncation_align_size"]
+    assert _params(h.ADD_CHUNKED_REQ) == ["self", "req"]
+    from sglang.srt.managers import scheduler
+    from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
+
+    assert AddReqResult.NO_TOKEN
+    source = inspect.getsource(PrefillAdder)
+    assert "self.rem_chunk_tokens = rem_chunk_tokens" in source
+    assert "req.extend_end = admission.prefix_len + admission.extend_len" in source
+    assert "self.can_run_list.append(req)" in source
+    assert "len(req.full_untruncated_fill_ids) - req.prefix_len" in source
+    # a chunked request returned unchanged stays parked for the next round
+    assert "self.chunked_req = adder.add_chunked_req(self.chunked_req)" in inspect.getsource(scheduler)
     from sglang.srt.entrypoints import engine
 
     assert "server_args.check_server_args()" in inspect.getsource(engine)
@@ -166,8 +196,8 @@ def test_attention_backend_is_registered_for_the_cli():
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
     from sglang_evict.config import ATTENTION_BACKEND
-    from sglang_evict.patches import head_evict
+    from sglang_evict.patches import evict_backend
 
-    head_evict.register_backend()
+    evict_backend.register_backend()
     assert ATTENTION_BACKEND in ATTENTION_BACKEND_CHOICES
-    assert ATTENTION_BACKENDS[ATTENTION_BACKEND] is head_evict.create_backend
+    assert ATTENTION_BACKENDS[ATTENTION_BACKEND] is evict_backend.create_backend

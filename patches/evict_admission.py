@@ -1,0 +1,107 @@
+"""SGLang's allocator and admission, seen through the physical pool.
+
+- TokenToKVPoolAllocator.free / clear (AROUND / AFTER): freeing a virtual id frees its head-slots,
+  so finish, abort, retraction and flush all return physical memory.
+- BaseTokenToKVPoolAllocator.check_decode_capacity (AROUND): the next decode step must also fit
+  the physical pool after reclaiming evictable head-slots, else SGLang retracts (eviction always
+  comes first; retraction only when eviction cannot make room).
+- PrefillAdder.__init__ (AFTER) / add_one_req / add_chunked_req (AROUND): a prefill round counts
+  the physical tokens free or reclaimable; a request whose next chunk does not fit waits, so
+  admission never outgrows the pool.
+"""
+
+from __future__ import annotations
+
+from sglang_evict.patches.evict_state import _state
+
+ALLOC_FREE = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free"
+ALLOC_CLEAR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear"
+DECODE_CAPACITY = (
+    "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.check_decode_capacity"
+)
+PREFILL_ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder.__init__"
+ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
+ADD_CHUNKED_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
+
+
+def around_alloc_free(original, allocator, free_index, *args, **kwargs):
+    state = _state.cache
+    if state is not None and allocator.free_group is None and free_index.numel():
+        state.free(free_index)
+    return original(allocator, free_index, *args, **kwargs)
+
+
+def after_alloc_clear(result, allocator, *args, **kwargs):
+    state = _state.cache
+    if state is not None:
+        state.reset()
+    return result
+
+
+def around_decode_capacity(original, allocator, *args, **kwargs):
+    ok = original(allocator, *args, **kwargs)
+    state = _state.cache
+    if not ok or state is None:
+        return ok
+    requests = kwargs.get("requests")
+    n = len(requests) if requests is not None else kwargs.get("num_tokens", 0)
+    return physical_tokens_available(state) >= n
+
+
+def physical_tokens_available(state) -> int:
+    """Whole tokens (all L*H head-slots each) that fit the physical pool now, counting what
+    reclaim can free (a lower bound of it)."""
+    return (state.pool.num_free + state.reclaimable()) // state.heads_per_token
+
+
+def after_prefill_adder_init(result, adder, *args, **kwargs):
+    # The physical tokens this prefill round may still use (the adder lives for one round).
+    state = _state.cache
+    if state is not None:
+        adder._evict_tokens_left = physical_tokens_available(state)
+    return result
+
+
+def _next_chunk(adder, req) -> int:
+    """Tokens SGLang would prefill for `req` now: the rest of its input, at most one chunk."""
+    want = len(req.full_untruncated_fill_ids) - req.prefix_len
+    if adder.rem_chunk_tokens is not None:
+        want = min(want, max(adder.rem_chunk_tokens, 0))
+    return want
+
+
+def _admit(original, adder, req, refused, *args, **kwargs):
+    # SGLang admits prefills against its oversubscribed virtual pool; the new tokens need real
+    # head-slots. A request whose next chunk does not fit what the physical pool can give (free
+    # plus reclaimable) waits for a later round, whole: SGLang's own chunking is left alone
+    # (truncating a retracted request's re-prefill to fit is a path it does not survive).
+    left = getattr(adder, "_evict_tokens_left", None)
+    if left is None:
+        return original(adder, req, *args, **kwargs)
+    if _next_chunk(adder, req) > left:
+        return refused
+    before = getattr(req, "extend_end", None)
+    result = original(adder, req, *args, **kwargs)
+    if getattr(req, "extend_end", None) != before or req in adder.can_run_list:
+        adder._evict_tokens_left = left - (req.extend_end - req.prefix_len)
+    return result
+
+
+def around_add_one_req(original, adder, req, *args, **kwargs):
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    return _admit(original, adder, req, AddReqResult.NO_TOKEN, *args, **kwargs)
+
+
+def around_add_chunked_req(original, adder, req, *args, **kwargs):
+    # returning the request unchanged = not continued this round (SGLang's own parked path)
+    return _admit(original, adder, req, req, *args, **kwargs)
+
+
+def register(registry, hook_type) -> None:
+    registry.register(ALLOC_FREE, around_alloc_free, hook_type.AROUND)
+    registry.register(ALLOC_CLEAR, after_alloc_clear, hook_type.AFTER)
+    registry.register(DECODE_CAPACITY, around_decode_capacity, hook_type.AROUND)
+    registry.register(PREFILL_ADDER, after_prefill_adder_init, hook_type.AFTER)
+    registry.register(ADD_ONE_REQ, around_add_one_req, hook_type.AROUND)
+    registry.register(ADD_CHUNKED_REQ, around_add_chunked_req, hook_type.AROUND)

@@ -1,0 +1,51 @@
+"""ServerArgs.check_server_args (AFTER): settings eviction cannot serve are refused with one line
+in SGLang's own process, so plain `python -m sglang.launch_server` refuses them too; `serve`
+calls the same `refusal` before SGLang starts."""
+
+from __future__ import annotations
+
+from sglang_evict.config import ATTENTION_BACKEND
+from sglang_evict.patches.evict_state import HeadEvictError, config
+
+CHECK_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
+
+
+def refusal(server_args, policy: str) -> str | None:
+    """Why this server cannot run head-granular eviction with these SGLang settings (one line
+    naming the setting), or None. Checked in SGLang's own process (`ServerArgs.
+    check_server_args`), so plain `python -m sglang.launch_server` refuses them too."""
+    def get(name, default=None):
+        return getattr(server_args, name, default)
+
+    policy = f"--evict-policy {policy}"
+    if get("attention_backend") != ATTENTION_BACKEND:
+        return f"{policy} needs --attention-backend {ATTENTION_BACKEND}, got {get('attention_backend')}"
+    if not get("disable_radix_cache", False):
+        return f"{policy} cannot run with the radix cache yet: add --disable-radix-cache"
+    if (get("page_size") or 1) != 1:
+        return f"{policy} needs --page-size 1 (one token per slot), got {get('page_size')}"
+    for name, flag in (("tp_size", "--tp-size"), ("pp_size", "--pp-size"), ("dp_size", "--dp-size")):
+        if (get(name) or 1) > 1:
+            return f"{policy} runs on one device for now: {flag} {get(name)} is not supported"
+    dtype = str(get("kv_cache_dtype") or "auto")
+    if dtype.startswith("fp8") or dtype.startswith("fp4"):
+        return f"{policy} stores K/V in the model dtype: --kv-cache-dtype {dtype} is not supported"
+    if get("speculative_algorithm"):
+        return f"{policy} does not support speculative decoding (--speculative-algorithm)"
+    if not get("disable_overlap_schedule", False):
+        return (f"{policy} evicts between steps: add --disable-overlap-schedule (the overlap "
+                "scheduler would prepare the next batch while the evictor runs)")
+    if not get("disable_cuda_graph", False):
+        return f"{policy}: CUDA graphs are not captured with eviction yet: add --disable-cuda-graph"
+    return None
+
+
+def after_check_server_args(result, server_args, *args, **kwargs):
+    why = refusal(server_args, config().policy)
+    if why is not None:
+        raise HeadEvictError(f"sglang-evict: {why}")
+    return result
+
+
+def register(registry, hook_type) -> None:
+    registry.register(CHECK_ARGS, after_check_server_args, hook_type.AFTER)

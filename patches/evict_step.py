@@ -1,0 +1,46 @@
+"""ModelRunner.forward (AFTER): the evictor enforces the budgets after every step, including
+between prefill chunks; and each finishing request's statistics for its meta_info."""
+
+from __future__ import annotations
+
+from sglang_evict.patches.evict_state import _state
+
+FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
+
+
+def after_forward(result, runner, *args, **kwargs):
+    forward_batch = args[0] if args else kwargs["forward_batch"]
+    state = _state.cache
+    if state is None or runner is not _state.runner:
+        return result
+    if forward_batch.forward_mode.is_idle() or state.new_slots is None:
+        return result
+    state.after_forward(forward_batch, runner.req_to_token_pool.req_to_token)
+    return result
+
+
+def release_stats(req, row: int) -> dict | None:
+    """Statistics of the request leaving `row` (called when SGLang releases its KV)."""
+    state = _state.cache
+    if state is None:
+        return None
+    stats, ev = state.release(row)
+    if stats is None:
+        return None
+    meta = stats.as_meta(state.heads_per_token, ev.global_trigger if ev is not None else None)
+    meta["policy"] = _policy_label(ev)
+    return meta
+
+
+def _policy_label(ev) -> dict:
+    if ev is None:
+        return {"policy": "none"}
+    c = ev.config
+    return {
+        "policy": c.policy.name, "mode": c.mode, "budget": c.budget, "buffer": c.buffer,
+        "sinks": c.policy.sinks, "window": c.policy.window,
+    }
+
+
+def register(registry, hook_type) -> None:
+    registry.register(FORWARD, after_forward, hook_type.AFTER)
