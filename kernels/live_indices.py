@@ -5,13 +5,16 @@ Inputs (sglang_evict.cache.live_lists.LiveLists):
                                           arena[row_pages[row, j // P], lh, j % P]
     row_pages  int32 [rows, pages_per_row]
     lens       int32 [rows, L*H]          entries per list
-    rows       int64 [R]                  the batch's holders, in batch order
+    rows       int64 [R]                  the batch's holders, in batch order; a row < 0 is
+                                          padding (a CUDA graph's batch): its lists are empty
 Output, all layers at once, sequence s = l*R*H + r*H + h (layer, then request, then KV head):
     indptr     int64 [L*R*H + 1]          from 0, cumulative list lengths
     indices    int32 [max_entries]        indices[indptr[s]:indptr[s+1]] = list (rows[r], l*H+h)
                                           in list order; -1 past indptr[-1]
 `max_entries` None means exactly indptr[-1] (one host read); a bound (for example the pool's
-capacity) keeps the call free of host reads, as CUDA graphs need.
+capacity) keeps the call free of host reads, as CUDA graphs need. `out=(indptr, indices)` writes
+into preallocated buffers (at least L*R*H + 1 and max_entries long; a CUDA graph's static
+metadata) and returns views of them.
 
 `live_indices` is one Triton kernel (a program per (sequence, block of entries)) after a device
 cumsum; `live_indices_reference` is the torch twin with the same signature and result.
@@ -47,32 +50,63 @@ def _validate(arena, row_pages, lens, rows, num_layers):
         raise ValueError(f"num_layers: expected a positive divisor of L*H={LH}, found {num_layers!r}")
 
 
-def _indptr(lens, rows, num_layers):
+def _indptr(lens, rows, num_layers, out):
     R = rows.numel()
     L = num_layers
     H = lens.shape[1] // L
-    counts = lens[rows.long()].view(R, L, H).transpose(0, 1).reshape(-1).long()
-    indptr = torch.zeros(L * R * H + 1, dtype=torch.long, device=lens.device)
+    r = rows.long()
+    counts = lens[r.clamp(min=0)] * (r >= 0)[:, None]  # padding rows list nothing
+    counts = counts.view(R, L, H).transpose(0, 1).reshape(-1).long()
+    if out is None:
+        indptr = torch.zeros(L * R * H + 1, dtype=torch.long, device=lens.device)
+    else:
+        indptr = out[: L * R * H + 1]
+        indptr[:1] = 0
     torch.cumsum(counts, 0, out=indptr[1:])
     return indptr
 
 
-def live_indices_reference(arena, row_pages, lens, rows, num_layers, max_entries=None):
+def _indices(indptr, max_entries, out, device):
+    n = int(indptr[-1]) if max_entries is None else max_entries
+    if out is None:
+        return torch.full((n,), -1, dtype=torch.int32, device=device)
+    indices = out[:n]
+    indices.fill_(-1)
+    return indices
+
+
+def _check_out(out, rows, arena, num_layers, max_entries):
+    if out is None:
+        return None, None
+    indptr, indices = out
+    need = num_layers * rows.numel() * (arena.shape[1] // num_layers) + 1
+    if not isinstance(indptr, torch.Tensor) or indptr.dtype != torch.int64 or indptr.numel() < need:
+        raise ValueError(f"out[0] (indptr): expected int64 with at least {need} entries")
+    if (not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or max_entries is None
+            or indices.numel() < max_entries):
+        raise ValueError("out[1] (indices): expected int32 with at least max_entries entries "
+                         "(and max_entries given)")
+    return indptr, indices
+
+
+def live_indices_reference(arena, row_pages, lens, rows, num_layers, max_entries=None, out=None):
     """Torch twin of `live_indices` (same signature and result)."""
     _validate(arena, row_pages, lens, rows, num_layers)
-    indptr = _indptr(lens, rows, num_layers)
+    out_ptr, out_idx = _check_out(out, rows, arena, num_layers, max_entries)
+    indptr = _indptr(lens, rows, num_layers, out_ptr)
     R, LH, P = rows.numel(), arena.shape[1], arena.shape[2]
     L, H = num_layers, LH // num_layers
-    n = int(indptr[-1]) if max_entries is None else max_entries
-    indices = torch.full((n,), -1, dtype=torch.int32, device=arena.device)
+    indices = _indices(indptr, max_entries, out_idx, arena.device)
+    n = indices.numel()
     if R == 0:
         return indptr, indices
-    row_lens = lens[rows.long()].long()  # [R, LH]
+    r = rows.long()
+    row_lens = lens[r.clamp(min=0)].long() * (r >= 0)[:, None]  # [R, LH]
     width = int(row_lens.max()) if row_lens.numel() else 0
     if width == 0:
         return indptr, indices
     j = torch.arange(width, device=arena.device)
-    pages = row_pages[rows.long()][:, j // P].long()  # [R, W]
+    pages = row_pages[r.clamp(min=0)][:, j // P].long()  # [R, W]
     lh = torch.arange(LH, device=arena.device)
     ent = arena[pages.clamp(min=0)[:, None, :], lh[None, :, None], (j % P)[None, None, :]]
     valid = j[None, None, :] < row_lens[:, :, None]  # [R, LH, W]
@@ -97,7 +131,8 @@ def _live_indices_kernel(
     h = s % H
     lh = layer * H + h
     row = tl.load(rows + r).to(tl.int64)
-    n = tl.load(lens + row * LH + lh).to(tl.int64)
+    n = tl.load(lens + tl.maximum(row, 0) * LH + lh).to(tl.int64)
+    n = tl.where(row >= 0, n, 0)  # a padding row lists nothing
     out0 = tl.load(indptr + s)
     j0 = blk * BLOCK
     # Blocks stride over the list, so a long list is spread over programs.
@@ -109,13 +144,14 @@ def _live_indices_kernel(
         tl.store(indices + out0 + j, slot, mask=ok)
 
 
-def live_indices(arena, row_pages, lens, rows, num_layers, max_entries=None):
+def live_indices(arena, row_pages, lens, rows, num_layers, max_entries=None, out=None):
     """The step's indptr / indices from the live lists (Triton). See the module docstring."""
     _validate(arena, row_pages, lens, rows, num_layers)
-    indptr = _indptr(lens, rows, num_layers)
+    out_ptr, out_idx = _check_out(out, rows, arena, num_layers, max_entries)
+    indptr = _indptr(lens, rows, num_layers, out_ptr)
     R, LH, P = rows.numel(), arena.shape[1], arena.shape[2]
-    n = int(indptr[-1]) if max_entries is None else max_entries
-    indices = torch.full((n,), -1, dtype=torch.int32, device=arena.device)
+    indices = _indices(indptr, max_entries, out_idx, arena.device)
+    n = indices.numel()
     if R == 0 or n == 0:
         return indptr, indices
     _live_indices_kernel[(num_layers * R * (LH // num_layers), _NUM_BLOCKS)](

@@ -5,8 +5,12 @@ Layout (one layer):
                                             one token's K (or V) for one KV head
     slot_pos          int64 [capacity]       the token position stored in each head-slot
     indptr            int32/int64 [R*H_kv+1] sequence s = r*H_kv + h is (request r, kv head h)
-    indices           int32/int64 [nnz]      its live head-slots are indices[indptr[s]:indptr[s+1]],
-                                            in any order (positions decide causality, never order)
+    indices           int32/int64 [n]        its live head-slots are indices[indptr[s]:indptr[s+1]],
+                                            in any order (positions decide causality, never order);
+                                            0 <= indptr[0] and indptr[-1] <= n: offsets are absolute,
+                                            so every layer's indptr can point into one buffer of
+                                            all layers (a CUDA graph's static metadata); entries
+                                            outside [indptr[0], indptr[-1]) are never read
 Query heads: H_q = H_kv * group; query head j reads kv head j // group (GQA).
 
     ragged_decode_attention(q [R, H_q, D], k_slots, v_slots, indptr, indices, sm_scale)
@@ -136,18 +140,21 @@ def _check_heads(q, indptr, num_req, num_kv_heads_name="indptr"):
 
 
 def _check_ranges(indptr, indices, capacity):
-    """Host-side checks (syncs): indptr monotone from 0 to len(indices), indices in [0, capacity)."""
-    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel():
+    """Host-side checks (syncs): 0 <= indptr[0] <= ... <= indptr[-1] <= len(indices), and the
+    listed indices (indices[indptr[0]:indptr[-1]]) in [0, capacity)."""
+    first, last = int(indptr[0]), int(indptr[-1])
+    if first < 0 or last > indices.numel():
         raise ValueError(
-            f"indptr: expected indptr[0] == 0 and indptr[-1] == len(indices) = {indices.numel()}, "
-            f"found {int(indptr[0])} and {int(indptr[-1])}"
+            f"indptr: expected 0 <= indptr[0] and indptr[-1] <= len(indices) = {indices.numel()}, "
+            f"found {first} and {last}"
         )
     if indptr.numel() > 1 and bool((indptr[1:] < indptr[:-1]).any()):
         raise ValueError("indptr: expected a non-decreasing sequence")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= capacity):
+    listed = indices[first:last]
+    if listed.numel() and (int(listed.min()) < 0 or int(listed.max()) >= capacity):
         raise ValueError(
             f"indices: head-slots must lie in [0, capacity={capacity}), "
-            f"found range [{int(indices.min())}, {int(indices.max())}]"
+            f"found range [{int(listed.min())}, {int(listed.max())}]"
         )
 
 
@@ -587,9 +594,16 @@ def _list_stats(indptr, indices, capacity, q_req=None, num_req=0):
     Returns (max list length, per-request query counts or None, max query count)."""
     z = torch.zeros((), dtype=torch.int64, device=indptr.device)
     lens = indptr[1:].long() - indptr[:-1].long()
-    vals = [indptr[0].long(), indptr[-1].long()]
+    first, last = indptr[0].long(), indptr[-1].long()
+    vals = [first, last]
     vals += list(torch.aminmax(lens)) if lens.numel() else [z, z]
-    vals += [t.long() for t in torch.aminmax(indices)] if indices.numel() else [z, z]
+    if indices.numel():  # only the listed range indices[indptr[0]:indptr[-1]] is checked
+        at = torch.arange(indices.numel(), device=indices.device)
+        listed = (at >= first) & (at < last)
+        idx = indices.long()
+        vals += [torch.where(listed, idx, capacity).min(), torch.where(listed, idx, 0).max()]
+    else:
+        vals += [z, z]
     counts = None
     if q_req is not None:
         T = q_req.numel()
@@ -602,8 +616,8 @@ def _list_stats(indptr, indices, capacity, q_req=None, num_req=0):
             vals.append(z)
     got = torch.stack(vals).tolist()
     first, last, lmin, lmax, imin, imax = got[:6]
-    bad = first != 0 or last != indices.numel() or lmin < 0
-    bad = bad or (indices.numel() > 0 and (imin < 0 or imax >= capacity))
+    bad = first < 0 or last > indices.numel() or lmin < 0
+    bad = bad or (last > first and (imin < 0 or imax >= capacity))
     max_count = 0
     if q_req is not None:
         qmin, qmax, max_count = got[6:]
@@ -624,7 +638,7 @@ def _padded_lists(indptr, indices, maxlen):
     lens = indptr[1:].long() - start
     pos = torch.arange(maxlen, device=indptr.device)
     valid = pos < lens[:, None]
-    flat = (start[:, None] + pos).clamp_(max=indices.numel() - 1)
+    flat = torch.minimum(start[:, None] + pos, indptr[-1].long() - 1)
     return indices[flat].long(), valid
 
 

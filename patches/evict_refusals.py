@@ -32,11 +32,6 @@ def refusal(server_args, policy: str) -> str | None:
         return f"{policy} stores K/V in the model dtype: --kv-cache-dtype {dtype} is not supported"
     if get("speculative_algorithm"):
         return f"{policy} does not support speculative decoding (--speculative-algorithm)"
-    if not get("disable_overlap_schedule", False):
-        return (f"{policy} evicts between steps: add --disable-overlap-schedule (the overlap "
-                "scheduler would prepare the next batch while the evictor runs)")
-    if not get("disable_cuda_graph", False):
-        return f"{policy}: CUDA graphs are not captured with eviction yet: add --disable-cuda-graph"
     return None
 
 

@@ -158,13 +158,11 @@ def with_eviction_settings(config: EvictConfig, argv: list[str]) -> list[str]:
     """SGLang settings head-granular eviction needs: refuse the ones that conflict, add the rest.
 
     The sglang_evict attention backend owns the KV; the radix cache is refused (prefix sharing
-    of evicted KV comes with its own cache backend); the overlap scheduler is turned off so the
-    evictor runs between steps, never while the next batch is being prepared."""
+    of evicted KV comes with its own cache backend). CUDA graphs (decode) and the overlap
+    scheduler stay as the user set them: the backend captures and replays decode graphs, and
+    the evictor runs on the host right after each forward, before the scheduler looks at the
+    batch's results."""
     out = list(argv)
-    if not has_flag(out, "--disable-overlap-schedule"):
-        out += ["--disable-overlap-schedule"]
-    if not has_flag(out, "--disable-cuda-graph"):
-        out += ["--disable-cuda-graph"]
     why = evict_refusals.refusal(_server_args_of(out), config.policy)
     if why is not None:
         raise StartupError(why)

@@ -38,6 +38,29 @@ class HeadSlotAttnBackend(AttentionBackend):
             return
         self.cache.prepare(forward_batch, self.req_to_token)
 
+    # ------------------------------------------------------------------ CUDA graphs (decode)
+    # Allocation, list appends and the step metadata run outside the graph (they decide on the
+    # host); the graph holds the per-layer store and attention, which read the step's new
+    # head-slots, indptr and indices from static buffers whose addresses never change.
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        self.cache.init_graph(max_bs)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        bs = forward_batch.batch_size
+        if in_capture:
+            self.cache.prepare_capture(bs)
+            return
+        if getattr(forward_batch, "actual_forward_mode", forward_batch.forward_mode).is_idle():
+            self.cache.prepare_capture(bs)  # a padded idle replay: nothing real to store
+            return
+        self.cache.prepare_replay(forward_batch, bs, getattr(forward_batch, "num_padding", 0))
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        return None  # everything the graph reads was written by init_forward_metadata_out_graph
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1  # padded requests: their lists are empty whatever their length
+
     def _log_beta(self, layer_id: int, n: int, like: torch.Tensor) -> torch.Tensor:
         gates = gate_attach.attachment()
         if gates is not None:
@@ -49,7 +72,7 @@ class HeadSlotAttnBackend(AttentionBackend):
         return torch.zeros(n, self.cache.num_kv_heads, dtype=torch.float32, device=like.device)
 
     def _save(self, k, v, layer, forward_batch):
-        n = forward_batch.out_cache_loc.shape[0]
+        n = k.shape[0]
         H = layer.tp_k_head_num
         log_beta = self._log_beta(layer.layer_id, n, k)
         self.cache.store(

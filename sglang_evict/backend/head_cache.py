@@ -89,18 +89,31 @@ class RowStats:
 
 class StepLists:
     """Per-layer live lists of one forward step: layer l's sequence r*H + h is (request r of
-    the batch, KV head h); indices are head-slots in position order."""
+    the batch, KV head h); indices are head-slots in position order. One indptr over all layers
+    with absolute offsets into one indices buffer, so a layer's lists are two views (no host
+    read; the same addresses every step when the buffers are static, as CUDA graphs need)."""
 
-    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, bounds: list[int], seqs: int):
+    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, seqs: int):
         self._indptr = indptr  # [L * seqs + 1] cumulative over all layers
         self._indices = indices
-        self._bounds = bounds
         self._seqs = seqs
 
     def layer(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self._bounds[l], self._bounds[l + 1]
-        ptr = self._indptr[l * self._seqs : (l + 1) * self._seqs + 1] - a
-        return ptr.to(torch.int32), self._indices[a:b]
+        return self._indptr[l * self._seqs : (l + 1) * self._seqs + 1], self._indices
+
+
+class GraphBuffers:
+    """Static step metadata for CUDA graph replay of decode, sized at capture for `max_bs`
+    requests: the step's new head-slots (-1 for a padded request: nothing is stored), the
+    all-layer indptr and the indices (at most every head-slot of the pool)."""
+
+    def __init__(self, max_bs: int, num_layers: int, num_kv_heads: int, capacity: int, device):
+        self.max_bs = max_bs
+        self.new_slots = torch.full((max_bs, num_layers, num_kv_heads), -1, dtype=torch.long,
+                                    device=device)
+        self.indptr = torch.zeros(num_layers * max_bs * num_kv_heads + 1, dtype=torch.long,
+                                  device=device)
+        self.indices = torch.full((capacity,), -1, dtype=torch.int32, device=device)
 
 
 _STAT_FIELDS = tuple(f for f in RowStats.__dataclass_fields__)
@@ -170,6 +183,9 @@ class HeadKVCache:
         self.row_evictor = torch.full((num_rows,), self._evictor_index(evictor), dtype=torch.long)
         self.new_slots: torch.Tensor | None = None  # [T, L, H] of the current step
         self.step: StepLists | None = None
+        self.graph: GraphBuffers | None = None  # set when SGLang captures CUDA graphs
+        self._batch_rows: torch.Tensor | None = None  # the step's requests' rows (host)
+        self._batch_rows_dev: torch.Tensor | None = None
         self.q_req: torch.Tensor | None = None
         self.debug_check = debug_check
         # The step's metadata kernel: Triton where it compiles for real, its torch twin on CPU.
@@ -212,7 +228,66 @@ class HeadKVCache:
     def prepare(self, batch, req_to_token: torch.Tensor | None = None) -> None:
         """Allocate head-slots for the batch's new tokens, append them to their lists and build
         the step's metadata from the lists."""
-        new_ids = batch.out_cache_loc.to(self.device, torch.long)
+        self._prepare(batch, _host(batch, "req_pool_indices"), _host(batch, "seq_lens"),
+                      batch.out_cache_loc)
+        seqs = self._batch_rows.numel() * self.num_kv_heads
+        if self.device.type == "cpu":  # host reads are free: the exact size
+            indptr, indices = self._live_indices(
+                self.lists.arena, self.lists.row_pages, self.lists.lens, self._batch_rows_dev,
+                self.num_layers,
+            )
+        else:  # a bound instead of the exact size: no host read
+            indptr, indices = self._live_indices(
+                self.lists.arena, self.lists.row_pages, self.lists.lens, self._batch_rows_dev,
+                self.num_layers, max_entries=self.capacity,
+            )
+        self.step = StepLists(indptr, indices, seqs)
+
+    # ------------------------------------------------------------------ CUDA graphs (decode)
+    def init_graph(self, max_bs: int) -> None:
+        """Static metadata buffers for decode graphs of up to `max_bs` requests."""
+        self.graph = GraphBuffers(max_bs, self.num_layers, self.num_kv_heads, self.capacity,
+                                  self.device)
+
+    def prepare_capture(self, bs: int) -> None:
+        """Metadata for capturing a decode graph of `bs` requests: the static buffers as an
+        empty step (nothing stored, nothing attended); no request's state is touched."""
+        g = self._graph_for(bs)
+        g.new_slots[:bs].fill_(-1)
+        g.indptr.zero_()
+        self.new_slots = g.new_slots[:bs]
+        self.step = StepLists(g.indptr, g.indices, bs * self.num_kv_heads)
+
+    def prepare_replay(self, batch, bs: int, num_padding: int) -> None:
+        """`prepare` for replaying a decode graph captured for `bs` requests, of which the last
+        `num_padding` are padding: the real requests' step is written into the static buffers,
+        the padding's new head-slots are -1 and its lists empty."""
+        g = self._graph_for(bs)
+        raw = bs - num_padding
+        rows = _host(batch, "req_pool_indices")[:raw]
+        self._prepare(batch, rows, _host(batch, "seq_lens")[:raw], batch.out_cache_loc[:raw])
+        g.new_slots[:raw].copy_(self.new_slots)
+        g.new_slots[raw:bs].fill_(-1)
+        self.new_slots = g.new_slots[:bs]
+        padded = torch.full((bs,), -1, dtype=torch.long, device=self.device)
+        padded[:raw] = self._batch_rows_dev
+        indptr, indices = self._live_indices(
+            self.lists.arena, self.lists.row_pages, self.lists.lens, padded, self.num_layers,
+            max_entries=self.capacity, out=(g.indptr, g.indices),
+        )
+        self.step = StepLists(g.indptr, g.indices, bs * self.num_kv_heads)
+
+    def _graph_for(self, bs: int) -> GraphBuffers:
+        if self.graph is None or bs > self.graph.max_bs:
+            raise RuntimeError(
+                f"sglang-evict: a decode graph of {bs} requests needs init_graph(max_bs >= {bs})"
+            )
+        return self.graph
+
+    def _prepare(self, batch, rows: torch.Tensor, seq: torch.Tensor, out_cache_loc) -> None:
+        """The step's bookkeeping: head-slots for the new tokens (reclaiming first if the pool
+        is short), appended to their lists; host statistics."""
+        new_ids = out_cache_loc.to(self.device, torch.long)
         need = new_ids.numel() * self.heads_per_token
         if need > self.pool.num_free:
             self.reclaim(need - self.pool.num_free)
@@ -223,10 +298,8 @@ class HeadKVCache:
                 "every remaining head-slot is protected (sinks / recent window) or the step "
                 "alone exceeds the pool; lower --chunked-prefill-size or --max-running-requests"
             )
-        rows = _host(batch, "req_pool_indices")
         R = rows.numel()
-        decode = batch.forward_mode.is_decode()
-        if decode:
+        if batch.forward_mode.is_decode():
             counts = torch.ones(R, dtype=torch.long)
             self.q_req = None
         else:
@@ -240,19 +313,13 @@ class HeadKVCache:
                 self._forget(fresh)
                 self.stats.start(fresh)
         self.lists.append(rows, counts, self.new_slots.view(-1, self.heads_per_token))
-        seq = _host(batch, "seq_lens")
         st = self.stats
         st.active[rows] = True
         st.seq_len[rows] = seq
         st.live[rows] += counts * self.heads_per_token
         st.peak_before_evict[rows] = torch.maximum(st.peak_before_evict[rows], st.live[rows])
-        ll = self.lists
-        indptr, indices = self._live_indices(
-            ll.arena, ll.row_pages, ll.lens, rows.to(self.device), self.num_layers
-        )
-        seqs = R * self.num_kv_heads
-        bounds = indptr[::seqs].tolist() if R else [0] * (self.num_layers + 1)
-        self.step = StepLists(indptr, indices, bounds, seqs)
+        self._batch_rows = rows
+        self._batch_rows_dev = rows.to(self.device)
 
     def store(self, layer: int, k, v, log_beta, positions, store_fn) -> None:
         slot = self.new_slots[:, layer, :]
@@ -262,7 +329,7 @@ class HeadKVCache:
     def after_forward(self, batch, req_to_token: torch.Tensor | None = None) -> None:
         """Enforce the budgets of the batch's requests over their trigger, all together."""
         self.steps += 1
-        rows = _host(batch, "req_pool_indices")
+        rows = self._batch_rows  # the step's real requests (a graph's padding excluded)
         st = self.stats
         ev_ids = self.row_evictor[rows]
         for i in torch.unique(ev_ids[ev_ids >= 0]).tolist():  # one pass per distinct policy
@@ -276,6 +343,7 @@ class HeadKVCache:
             self.check_integrity(req_to_token)
         self.new_slots = None
         self.step = None
+        self._batch_rows = self._batch_rows_dev = None
 
     def _evict_rows(self, rows: torch.Tensor, evictor: Evictor) -> None:
         entries, valid = self.lists.gather(rows)

@@ -71,3 +71,31 @@ def test_validation_names_the_argument():
         live_indices(ll.arena, ll.row_pages, ll.lens, torch.tensor([0]), 3)
     with pytest.raises(ValueError, match="lens"):
         live_indices_reference(ll.arena, ll.row_pages, ll.lens[:, :2], torch.tensor([0]), 2)
+
+
+def test_padding_rows_and_static_buffers():
+    """A CUDA graph's batch: rows < 0 are padding with empty lists; `out` buffers (larger than
+    needed) are written in place and the results are views of them."""
+    L = 2
+    ll = _lists(L, 3, 4, 4, steps=5, seed=3)
+    real = torch.tensor([2, 0, 3])
+    want_ptr, want_idx = _expected(ll, real, L)
+    padded = torch.tensor([2, 0, 3, -1, -1])
+    H = 3
+    for fn in (live_indices_reference, live_indices):
+        ptr_buf = torch.full((L * 8 * H + 1,), 99, dtype=torch.long)
+        idx_buf = torch.full((want_idx.numel() + 50,), 7, dtype=torch.int32)
+        indptr, indices = fn(ll.arena, ll.row_pages, ll.lens, padded, L,
+                             max_entries=idx_buf.numel(), out=(ptr_buf, idx_buf))
+        assert indptr.data_ptr() == ptr_buf.data_ptr() and indices.data_ptr() == idx_buf.data_ptr()
+        R = padded.numel()
+        lens = (indptr[1:] - indptr[:-1]).view(L, R, H)
+        assert bool((lens[:, 3:] == 0).all())  # padding lists nothing
+        # the real sequences, in order, equal the plain batch's
+        real_lens = lens[:, :3].reshape(-1)
+        assert torch.equal(real_lens, want_ptr[1:] - want_ptr[:-1])
+        assert torch.equal(indices[: want_idx.numel()], want_idx)
+        assert bool((idx_buf[want_idx.numel():] == -1).all())
+        with pytest.raises(ValueError, match="out"):
+            fn(ll.arena, ll.row_pages, ll.lens, padded, L, max_entries=idx_buf.numel(),
+               out=(ptr_buf[:5], idx_buf))

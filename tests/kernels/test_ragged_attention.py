@@ -418,3 +418,34 @@ def test_extend_with_position_sorted_lists_stops_early_and_agrees(seed):
         torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
         twin = ragged_extend_attention_torch(*args, num_kv_heads=2, positions_sorted=True)
         torch.testing.assert_close(twin, exp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_absolute_offsets_into_a_larger_buffer(seed):
+    """One layer's lists as a slice of an all-layer indptr: offsets start past 0 and the indices
+    buffer runs on beyond indptr[-1] (-1 there, and garbage before indptr[0]). Every
+    implementation reads only indices[indptr[0]:indptr[-1]] and gives the plain layout's
+    result."""
+    from sglang_evict.kernels.ragged_attention import ragged_decode_attention_torch
+
+    p = build_problem([9, 0, 25], 2, 3, 48, torch.float32, 200, 0.7, seed=seed, q_per_req=3)
+    before, after = 11, 17
+    shifted_ptr = p["indptr"].long() + before
+    shifted = torch.cat([torch.randint(0, 200, (before,), dtype=torch.int32), p["indices"],
+                         torch.full((after,), -1, dtype=torch.int32)])
+    q, k, v = p["q_dec"], p["k_slots"], p["v_slots"]
+    exp = ragged_decode_attention_reference(q, k, v, p["indptr"], p["indices"], 0.3)
+    for fn in (ragged_decode_attention, ragged_decode_attention_torch, ragged_decode_attention_reference):
+        torch.testing.assert_close(fn(q, k, v, shifted_ptr, shifted, 0.3), exp, atol=1e-5, rtol=1e-5)
+    ext = (p["q_ext"], p["q_pos"], p["q_req"], k, v, p["slot_pos"])
+    exp = ragged_extend_attention_reference(*ext, p["indptr"], p["indices"], 0.3, num_kv_heads=2)
+    for fn in (ragged_extend_attention, ragged_extend_attention_torch, ragged_extend_attention_reference):
+        got = fn(*ext, shifted_ptr, shifted, 0.3, num_kv_heads=2)
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    # a listed entry out of range is still caught; the unlisted -1 tail is not an error
+    bad = shifted.clone()
+    bad[before] = 10_000
+    with pytest.raises(ValueError, match="^indices:"):
+        ragged_decode_attention(q, k, v, shifted_ptr, bad, 0.3)
+    with pytest.raises(ValueError, match="^indptr:"):
+        ragged_decode_attention(q, k, v, shifted_ptr + after + 1, shifted, 0.3)

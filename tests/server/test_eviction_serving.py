@@ -154,6 +154,10 @@ def test_generation_4x_the_pool_completes_only_with_eviction(
 
 def test_8_concurrent_requests_in_a_pool_that_fits_2(evict_server, hf_model):
     _, tokenizer = hf_model
+    # with the overlap scheduler on (SGLang's default, which eviction keeps): requests finish
+    # while the next batch is already prepared; the debug check verifies the lists every step
+    info = requests.get(evict_server.url + "/get_server_info", timeout=30).json()
+    assert info["disable_overlap_schedule"] is False
     prompts = [tokenizer(f"Story number {i}: once upon a time")["input_ids"] for i in range(8)]
     new_tokens = [POOL // 2 - len(p) for p in prompts]  # 2 fit the pool at full size
     assert all(2 * (len(p) + k) == POOL for p, k in zip(prompts, new_tokens))

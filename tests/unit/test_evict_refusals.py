@@ -31,8 +31,6 @@ GOOD = dict(
         (dict(dp_size=2), "--dp-size 2"),
         (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),
         (dict(speculative_algorithm="EAGLE"), "speculative"),
-        (dict(disable_overlap_schedule=False), "--disable-overlap-schedule"),
-        (dict(disable_cuda_graph=False), "--disable-cuda-graph"),
     ],
 )
 def test_each_unsupported_setting_is_named(change, match):
@@ -41,10 +39,16 @@ def test_each_unsupported_setting_is_named(change, match):
     assert why is not None and match in why and "\n" not in why
 
 
+def test_cuda_graphs_and_the_overlap_scheduler_are_served():
+    on = dict(GOOD, disable_overlap_schedule=False, disable_cuda_graph=False)
+    assert refusal(SimpleNamespace(**on), "streaming") is None
+
+
 def test_serve_refuses_before_sglang_starts_with_the_same_reason():
     cfg = EvictConfig(policy="streaming", budget=8)
     argv = ["--attention-backend", "sglang_evict", "--disable-radix-cache"]
-    assert "--disable-cuda-graph" in with_eviction_settings(cfg, argv)
+    out = with_eviction_settings(cfg, argv)  # nothing turned off behind the user's back
+    assert "--disable-cuda-graph" not in out and "--disable-overlap-schedule" not in out
     with pytest.raises(StartupError, match="--tp-size 2"):
         with_eviction_settings(cfg, argv + ["--tp-size", "2"])
     with pytest.raises(StartupError, match="radix cache"):

@@ -52,7 +52,7 @@ def test_eviction_brings_its_backend_and_scheduler_settings(default_model_path, 
     )
     assert config.evicting and config.budget == 8
     assert serve.flag_value(out, "--attention-backend") == "sglang_evict"
-    assert "--disable-overlap-schedule" in out and "--disable-cuda-graph" in out
+    assert "--disable-overlap-schedule" not in out  # the overlap scheduler stays on
     assert serve.flag_value(out, "--chunked-prefill-size") == "500"
     # The CPU defaults still apply to everything else.
     assert serve.flag_value(out, "--device") == "cpu"
