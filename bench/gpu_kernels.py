@@ -13,7 +13,11 @@ For each shape (Qwen3-4B-like: 36 layers, 8 KV heads, 32 query heads, head_dim 1
   - extend (query tiles) against its torch twin, time against causal SDPA;
   - the step-metadata kernel (live lists -> indptr/indices) against its torch twin, time for all
     layers of a batch;
-  - the head-slot store and the radix select against their references.
+  - the head-slot store and the radix select against their references;
+  - the evictor's per-request selection (torch.kthvalue over exact int64 keys, PyTorch's CUDA
+    radix select) against the Triton float32 select run per request;
+  - a decode step (store + decode for every layer) captured as a CUDA graph from static metadata
+    buffers, replayed with new contents, against the eager step (CUDA only).
 """
 
 from __future__ import annotations
@@ -220,6 +224,102 @@ def check_store_and_select(k, shape, tokens, dtype, dev, out):
     print(json.dumps(row), flush=True)
 
 
+def check_keep_top(shape, batch, live, dev, reps, out):
+    """The evictor's selection (eviction.evictor.keep_top): one k-th value per request over exact
+    int64 (score, tie) keys, i.e. torch.kthvalue, which on CUDA is PyTorch's per-slice radix
+    select (one launch for every request). Timed against the Triton float32 radix select run
+    once per request, at an eviction of `batch` requests holding M + B entries per list."""
+    import torch
+
+    sel = _kernels()["select"]
+    L, H = shape["layers"], shape["kv_heads"]
+    N = L * H * live
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(batch, N, generator=gen).to(dev)
+    bits = scores.view(torch.int32).long()
+    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # orders like the float
+    key = (order << 32) - torch.arange(N, device=dev)
+    keep = N * 4 // 5
+    t_kth = _time(lambda: torch.kthvalue(key, N - keep + 1, dim=1), reps)
+    t_tri = _time(lambda: [sel.topk_threshold(scores[r], keep) for r in range(batch)], reps)
+    kth = torch.kthvalue(key, N - keep + 1, dim=1, keepdim=True).values
+    kept = (key >= kth).sum(1)
+    row = dict(kernel="keep_top", shape=out["shape"], batch=batch, entries_per_request=N,
+               equal=bool((kept == keep).all()), kthvalue_us=t_kth * 1e6,
+               triton_select_per_request_us=t_tri * 1e6)
+    out["rows"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+def check_graph_replay(k, shape, batch, live, dtype, dev, out):
+    """A decode step as the backend captures it: per layer the head-slot store and the decode
+    kernel, reading the step's new head-slots, indptr (all layers, absolute offsets) and indices
+    from static buffers. Captured once, replayed after new metadata and inputs are copied into
+    the buffers; the replay must equal an eager run on the same inputs."""
+    import torch
+
+    ra, hs = k["ragged_attention"], k["head_store"]
+    L, H, Hq, D = shape["layers"], shape["kv_heads"], shape["q_heads"], shape["head_dim"]
+    gen = torch.Generator().manual_seed(4)
+    cap = batch * H * (live + 1) * L + 64
+    kv = [torch.zeros(cap, D, dtype=dtype, device=dev) for _ in range(2)]
+    lb, pos = torch.zeros(cap, device=dev), torch.zeros(cap, dtype=torch.long, device=dev)
+    seqs = batch * H
+    s_indptr = torch.zeros(L * seqs + 1, dtype=torch.long, device=dev)
+    s_indices = torch.full((cap,), -1, dtype=torch.int32, device=dev)
+    s_slots = torch.full((batch, L, H), -1, dtype=torch.long, device=dev)
+    s_q = torch.zeros(L, batch, Hq, D, dtype=dtype, device=dev)
+    s_k = torch.zeros(L, batch, H, D, dtype=dtype, device=dev)
+    s_pos = torch.zeros(batch, dtype=torch.long, device=dev)
+    s_lb = torch.zeros(batch, H, device=dev)
+    sm = 1 / math.sqrt(D)
+
+    def step():
+        outs = []
+        for l in range(L):
+            hs.store_head_slots(kv[0], kv[1], lb, pos, s_k[l], s_k[l], s_lb, s_pos, s_slots[:, l])
+            ptr = s_indptr[l * seqs:(l + 1) * seqs + 1]
+            outs.append(ra.ragged_decode_attention(s_q[l], kv[0], kv[1], ptr, s_indices, sm))
+        return torch.stack(outs)
+
+    def load(seed):
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(cap, generator=g)[: L * seqs * (live + 1)].to(dev)
+        new = perm[: batch * L * H].view(batch, L, H)
+        old = perm[batch * L * H:].view(L, batch, H, live)
+        kv[0][old.reshape(-1)] = torch.randn(old.numel(), D, generator=g).to(dev, dtype)
+        kv[1][old.reshape(-1)] = torch.randn(old.numel(), D, generator=g).to(dev, dtype)
+        lists = torch.cat([old, new.permute(1, 0, 2)[..., None]], -1)  # [L, batch, H, live + 1]
+        s_indices[: lists.numel()] = lists.reshape(-1).to(torch.int32)
+        s_indptr.copy_(torch.arange(0, L * seqs * (live + 1) + 1, live + 1, device=dev))
+        s_slots.copy_(new)
+        s_q.copy_(torch.randn(s_q.shape, generator=g).to(dev, dtype))
+        s_k.copy_(torch.randn(s_k.shape, generator=g).to(dev, dtype))
+
+    load(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up: compile every kernel outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_static = step()
+    load(1)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = o_static.clone()
+    load(1)
+    eager = step()
+    err = (replayed.float() - eager.float()).abs().max().item()
+    t_graph = _time(graph.replay, 20)
+    t_eager = _time(step, 20)
+    row = dict(kernel="graph_replay", shape=out["shape"], batch=batch, live=live, max_abs_err=err,
+               graph_us=t_graph * 1e6, eager_us=t_eager * 1e6, eager_vs_graph=t_eager / t_graph)
+    out["rows"].append(row)
+    print(json.dumps(row), flush=True)
+
+
 def copy_bandwidth_gbps(dev) -> float | None:
     import torch
 
@@ -254,6 +354,9 @@ def main(argv=None) -> int:
             check_extend(k, shape, chunk, live, dtype, dev, reps, out)
         check_metadata(k, shape, 2 if args.smoke else 64, 20 if args.smoke else 1024, dev, reps, out)
         check_store_and_select(k, shape, 16 if args.smoke else 4096, dtype, dev, out)
+        check_keep_top(shape, 2 if args.smoke else 16, 6 if args.smoke else 160, dev, reps, out)
+        if dev == "cuda":  # CUDA graphs exist only there
+            check_graph_replay(k, shape, 32, 256, dtype, dev, out)
     if out["copy_gbps"]:
         for row in out["rows"]:
             if "triton_gbps" in row:

@@ -17,7 +17,7 @@ def test_gpu_kernel_check_runs_and_every_kernel_agrees(tmp_path):
     assert mod.main(["--smoke", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     kinds = {r["kernel"] for r in rows}
-    assert kinds == {"decode", "extend", "live_indices", "store+select"}
+    assert kinds == {"decode", "extend", "live_indices", "store+select", "keep_top"}
     for r in rows:
         if "max_abs_err" in r:
             assert r["max_abs_err"] < 1e-4, r
