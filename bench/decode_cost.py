@@ -14,7 +14,11 @@ time is measured once every request of the batch is decoding (from the last firs
         --out bench/results/batch_scaling.json
 
 Servers: vanilla (SGLang's torch_native backend, full cache), then the sglang_evict backend with
-each --policies entry at --budget (retention uses the default model's packaged gates).
+each --policies entry at --budget (retention uses the default model's packaged gates); with
+--schedulers overlap,sync each runs with SGLang's overlap scheduler and without it.
+
+    .venv/bin/python -P bench/decode_cost.py --batches 8 --context 1024 --new-tokens 96 \
+        --policies streaming --schedulers overlap,sync --out bench/results/overlap.json
 """
 
 from __future__ import annotations
@@ -106,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--pool", type=int, default=8192, help="--max-total-tokens for every server")
     p.add_argument("--batches", default=None, help="batch mode: batch sizes, e.g. 1,4,8,16")
     p.add_argument("--context", type=int, default=2048, help="batch mode: prompt tokens")
+    p.add_argument("--schedulers", default="overlap", choices=["overlap", "sync", "overlap,sync"],
+                   help="SGLang's overlap scheduler (its default) and/or --disable-overlap-schedule")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.batches:
@@ -135,11 +141,18 @@ def main(argv=None) -> int:
 
 
 def _servers(args, common: list[str]) -> dict[str, list[str]]:
-    """Vanilla SGLang, then one eviction server per --policies entry, on the same settings."""
-    servers = {"vanilla": common}
+    """Vanilla SGLang, then one eviction server per --policies entry, on the same settings; each
+    once per --schedulers entry (overlap: SGLang's default; sync: --disable-overlap-schedule)."""
+    base = {"vanilla": common}
     for pol in filter(None, args.policies.split(",")):
-        servers[pol] = common + ["--evict-policy", pol, "--evict-budget", str(args.budget),
-                                 "--evict-buffer", str(args.buffer)]
+        base[pol] = common + ["--evict-policy", pol, "--evict-budget", str(args.budget),
+                              "--evict-buffer", str(args.buffer)]
+    schedulers = [s for s in args.schedulers.split(",") if s]
+    servers = {}
+    for name, sargs in base.items():
+        for sched in schedulers:
+            label = name if schedulers == ["overlap"] else f"{name}+{sched}"
+            servers[label] = sargs + (["--disable-overlap-schedule"] if sched == "sync" else [])
     return servers
 
 
