@@ -3,6 +3,12 @@
 Three kinds of traffic an SGLang user sends: an OpenAI chat completion, a multi-turn follow-up
 whose history hits the radix (prefix) cache, and an `sgl.function` program through SGLang's
 frontend language. Each answer is printed with its prompt and cached token counts.
+
+Then eviction at work: a second server whose KV pool holds EVICT_POOL tokens at full size
+serves one greedy generation of twice that, with the retention policy (the packaged gates on
+the default model) at M = EVICT_BUDGET; the request's own eviction statistics say how much KV
+it held against the full cache. (The radix cache is off there: eviction with prefix sharing is
+the next step.)
 """
 
 from __future__ import annotations
@@ -67,16 +73,41 @@ def frontend_program(url: str) -> dict:
     }
 
 
-def main(argv: list[str]) -> int:
-    from openai import OpenAI
+EVICT_POOL = 512
+EVICT_BUDGET = 64
+EVICT_NEW_TOKENS = 2 * EVICT_POOL
+# In the default model's chat format (ChatML), as the frontend section assumes too.
+STORY = ("<|im_start|>user\nWrite a long story about a lighthouse keeper and the ships she "
+         "guides.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def eviction_run(url: str, new_tokens: int = EVICT_NEW_TOKENS) -> dict:
+    """One greedy generation of `new_tokens` tokens; its eviction statistics."""
+    import requests
+
+    r = requests.post(url + "/generate", json={
+        "text": STORY,
+        "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
+                            "ignore_eos": True},
+    }, timeout=3600)
+    r.raise_for_status()
+    body = r.json()
+    meta = body["meta_info"]
+    stats = meta["sglang_evict"][0]
+    return {
+        "text": body["text"],
+        "completion_tokens": meta["completion_tokens"],
+        "prompt_tokens": meta["prompt_tokens"],
+        "live": stats["live_head_slots"],
+        "peak_live": stats["peak_live_head_slots"],
+        "full": stats["full_head_slots"],
+        "evictions": stats["evictions"],
+    }
+
+
+def _start(server_args: list[str]) -> ServerProcess:
     from tqdm.auto import tqdm
 
-    if "--model-path" not in " ".join(argv):
-        from sglang_evict import default_model
-
-        # Materialise here, where the progress bar is visible, not inside the server's log.
-        print(f"default model: {default_model.resolve()}", flush=True)
-    server_args = ["--enable-cache-report", *argv]
     server = ServerProcess(server_args)
     print(f"starting sglang-evict server on {server.url} (log: {server.log_path})", flush=True)
     start = time.monotonic()
@@ -88,8 +119,56 @@ def main(argv: list[str]) -> int:
     try:
         server.start()
         server.wait_ready(progress=bar.update)
+    except BaseException:
+        server.stop()
+        raise
+    finally:
         bar.close()
-        print(f"server ready after {time.monotonic() - start:.0f}s\n", flush=True)
+    print(f"server ready after {time.monotonic() - start:.0f}s\n", flush=True)
+    return server
+
+
+def main(argv: list[str]) -> int:
+    try:
+        code = serving_demo(argv)
+        if code == 0:
+            code = eviction_demo(argv)
+        return code
+    except ServerStartError as e:
+        print(f"sglang-evict: error: {e}", file=sys.stderr)
+        return 1
+
+
+def eviction_demo(argv: list[str]) -> int:
+    server = _start([
+        "--evict-policy", "retention", "--evict-budget", str(EVICT_BUDGET),
+        "--disable-radix-cache", "--max-total-tokens", str(EVICT_POOL), *argv,
+    ])
+    try:
+        print(f"== eviction: {EVICT_NEW_TOKENS} new tokens in a KV pool of {EVICT_POOL} tokens "
+              f"(retention, M = {EVICT_BUDGET}) ==")
+        run = eviction_run(server.url)
+        print(f"generated: {run['completion_tokens']} tokens after a {run['prompt_tokens']}-token "
+              f"prompt: {run['text'][:160].strip()!r} ...")
+        print(f"           KV held at the end: {run['live']} head-slots of {run['full']} "
+              f"({100 * run['live'] / run['full']:.1f}% of the full cache), at most "
+              f"{run['peak_live']}; {run['evictions']} evictions")
+        return 0
+    finally:
+        server.stop()
+        print("\nserver stopped", flush=True)
+
+
+def serving_demo(argv: list[str]) -> int:
+    from openai import OpenAI
+
+    if "--model-path" not in " ".join(argv):
+        from sglang_evict import default_model
+
+        # Materialise here, where the progress bar is visible, not inside the server's log.
+        print(f"default model: {default_model.resolve()}", flush=True)
+    server = _start(["--enable-cache-report", *argv])
+    try:
         client = OpenAI(base_url=server.url + "/v1", api_key="sglang-evict")
         model = client.models.list().data[0].id
 
@@ -108,10 +187,6 @@ def main(argv: list[str]) -> int:
             f"cached {program['cached_tokens']}"
         )
         return 0
-    except ServerStartError as e:
-        bar.close()
-        print(f"sglang-evict: error: {e}", file=sys.stderr)
-        return 1
     finally:
         server.stop()
-        print("\nserver stopped", flush=True)
+        print("\nserver stopped\n", flush=True)

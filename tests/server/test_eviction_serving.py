@@ -239,3 +239,18 @@ def test_per_request_policy_override_and_bad_overrides(evict_server, hf_model):
     assert bad.status_code == 400 and "unknown field(s) budgets" in bad.text
     ok = generate(evict_server, ids, 4)
     assert len(ok["output_ids"]) == 4
+
+
+def test_demo_eviction_section_reports_what_the_request_held(evict_server):
+    """`sglang-evict demo`'s eviction section, against a server with a pool of POOL tokens: a
+    generation of twice the pool completes and its statistics are consistent."""
+    from sglang_evict.demo import eviction_run
+
+    run = eviction_run(evict_server.url, new_tokens=2 * POOL)
+    assert run["completion_tokens"] == 2 * POOL
+    # every token of the context once in every layer and KV head, at full size (the last
+    # sampled token has no KV yet)
+    assert run["full"] == (run["prompt_tokens"] + 2 * POOL - 1) * LAYERS * KV_HEADS
+    assert 0 < run["live"] <= run["peak_live"] <= TRIGGER
+    assert run["evictions"] > 0
+
