@@ -597,7 +597,13 @@ def _list_stats(indptr, indices, capacity, q_req=None, num_req=0):
     first, last = indptr[0].long(), indptr[-1].long()
     vals = [first, last]
     vals += list(torch.aminmax(lens)) if lens.numel() else [z, z]
-    if indices.numel():  # only the listed range indices[indptr[0]:indptr[-1]] is checked
+    # Only the listed range indices[indptr[0]:indptr[-1]] is checked. One layer's lists are a
+    # slice of a buffer of all layers: on CPU, slice it (its bounds are host values already)
+    # rather than scan the whole buffer per layer; elsewhere mask, with no host read.
+    if indices.device.type == "cpu":
+        listed = indices[max(int(first), 0):int(last)]
+        vals += [t.long() for t in torch.aminmax(listed)] if listed.numel() else [z, z]
+    elif indices.numel():
         at = torch.arange(indices.numel(), device=indices.device)
         listed = (at >= first) & (at < last)
         idx = indices.long()
