@@ -7,10 +7,11 @@ triton only (the lent GPU machine has no SGLang and no registry), finishes in a 
 For each shape (Qwen3-4B-like: 36 layers, 8 KV heads, 32 query heads, head_dim 128; Llama-8B-like:
 32 layers, 8 KV heads, 32 query heads, head_dim 128; bf16):
   - decode over live lists (Triton, grouped split-KV) against its torch twin, then its time
-    against dense SDPA over the same number of live tokens per (request, KV head), and FlashInfer's
-    paged decode (page size 1) where flashinfer is installed; bandwidth reached as a share of a
-    measured device-to-device copy;
-  - extend (query tiles) against its torch twin, time against causal SDPA;
+    against dense SDPA over the same number of live tokens per (request, KV head), and
+    `--evict-kernel flashinfer` (FlashInfer's paged kernel, page size 1, through the serving
+    adapter) against the same twin where flashinfer is installed; bandwidth reached as a share of
+    a measured device-to-device copy;
+  - extend (query tiles) against its torch twin, time against causal SDPA and FlashInfer;
   - the step-metadata kernel (live lists -> indptr/indices) against its torch twin, time for all
     layers of a batch;
   - the head-slot store and the radix select against their references;
@@ -45,7 +46,7 @@ def _kernels():
         sub = types.ModuleType("sglang_evict.kernels")
         sub.__path__ = [str(ROOT / "kernels")]
         sys.modules["sglang_evict"], sys.modules["sglang_evict.kernels"] = pkg, sub
-    names = ("ragged_attention", "live_indices", "head_store", "select")
+    names = ("ragged_attention", "live_indices", "head_store", "select", "flashinfer_lists")
     return {n: importlib.import_module(f"sglang_evict.kernels.{n}") for n in names}
 
 
@@ -105,31 +106,31 @@ def check_decode(k, shape, batch, live, dtype, dev, reps, out):
     row = dict(kernel="decode", shape=out["shape"], batch=batch, live=live, max_abs_err=err,
                triton_us=t_tri * 1e6, sdpa_dense_us=t_sdpa * 1e6, triton_vs_sdpa=t_tri / t_sdpa,
                triton_gbps=moved / t_tri / 1e9)
-    try:
-        import flashinfer  # noqa: F401
-
-        row["flashinfer_us"] = _flashinfer_decode_us(q, k_slots, v_slots, indptr, indices, H, reps)
-    except Exception as e:  # not installed, or an API that moved: say so in the table
-        row["flashinfer"] = f"not run: {type(e).__name__}: {str(e)[:80]}"
+    row.update(_flashinfer(k, q, k_slots, v_slots, indptr, indices, torch.ones(batch), sm, want, reps))
     out["rows"].append(row)
     print(json.dumps(row), flush=True)
 
 
-def _flashinfer_decode_us(q, k_slots, v_slots, indptr, indices, H, reps):
-    """FlashInfer's paged decode over the same lists: each (request, KV head) a sequence with one
-    KV head and its query group, page size 1."""
-    import flashinfer
+def _flashinfer(k, q, k_slots, v_slots, indptr, indices, q_lens, sm, want, reps) -> dict:
+    """The same lists through `--evict-kernel flashinfer`'s adapter (FlashInfer's paged kernel,
+    each (request, KV head) a sequence with its query group, page size 1): error against the
+    torch twin and time per call; or why it did not run."""
     import torch
 
-    B, Hq, D = q.shape
-    G = Hq // H
-    ws = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-    last = torch.ones(B * H, dtype=torch.int32, device=q.device)
-    wrapper.plan(indptr, indices, last, G, 1, D, 1, q_data_type=q.dtype, kv_data_type=k_slots.dtype)
-    kv = torch.stack([k_slots, v_slots], 1).view(-1, 2, 1, 1, D)
-    qq = q.view(B * H, G, D)
-    return _time(lambda: wrapper.run(qq, kv), reps) * 1e6
+    fl = k["flashinfer_lists"]
+    why = fl.flashinfer_available()
+    if why is not None:
+        return {"flashinfer": f"not run: {why}"}
+    try:
+        H = (indptr.numel() - 1) // q_lens.numel()
+        fi = fl.FlashInferLists(1, q.shape[1], H, q.device)
+        fi.begin_step(indptr.cpu().long(), indices, q_lens.long())
+        got = fi.run(0, q, k_slots, v_slots, sm)
+        err = (got.float() - want.float()).abs().max().item()
+        return {"flashinfer_max_abs_err": err,
+                "flashinfer_us": _time(lambda: fi.run(0, q, k_slots, v_slots, sm), reps) * 1e6}
+    except Exception as e:  # an API that moved: say so in the table
+        return {"flashinfer": f"failed: {type(e).__name__}: {str(e)[:120]}"}
 
 
 def check_extend(k, shape, chunk, live, dtype, dev, reps, out):
@@ -167,6 +168,8 @@ def check_extend(k, shape, chunk, live, dtype, dev, reps, out):
                                                           enable_gqa=True), reps)
     row = dict(kernel="extend", shape=out["shape"], chunk=chunk, live=live, max_abs_err=err,
                triton_us=t_tri * 1e6, sdpa_dense_us=t_sdpa * 1e6, triton_vs_sdpa=t_tri / t_sdpa)
+    row.update(_flashinfer(k, q, k_slots, v_slots, indptr, indices, torch.tensor([chunk]), sm,
+                           want, reps))
     out["rows"].append(row)
     print(json.dumps(row), flush=True)
 

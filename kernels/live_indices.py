@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["live_indices", "live_indices_reference"]
+__all__ = ["live_indices", "live_indices_reference", "step_indptr"]
 
 _BLOCK = 128
 # programs per list (each strides over it), so one long list does not serialise the step
@@ -50,7 +50,9 @@ def _validate(arena, row_pages, lens, rows, num_layers):
         raise ValueError(f"num_layers: expected a positive divisor of L*H={LH}, found {num_layers!r}")
 
 
-def _indptr(lens, rows, num_layers, out):
+def step_indptr(lens, rows, num_layers, out=None):
+    """The step's indptr (see the module docstring) from list lengths `lens` [rows, L*H] on
+    any device: on the host from LiveLists.lens_host, it costs no device read."""
     R = rows.numel()
     L = num_layers
     H = lens.shape[1] // L
@@ -93,7 +95,7 @@ def live_indices_reference(arena, row_pages, lens, rows, num_layers, max_entries
     """Torch twin of `live_indices` (same signature and result)."""
     _validate(arena, row_pages, lens, rows, num_layers)
     out_ptr, out_idx = _check_out(out, rows, arena, num_layers, max_entries)
-    indptr = _indptr(lens, rows, num_layers, out_ptr)
+    indptr = step_indptr(lens, rows, num_layers, out_ptr)
     R, LH, P = rows.numel(), arena.shape[1], arena.shape[2]
     L, H = num_layers, LH // num_layers
     indices = _indices(indptr, max_entries, out_idx, arena.device)
@@ -148,7 +150,7 @@ def live_indices(arena, row_pages, lens, rows, num_layers, max_entries=None, out
     """The step's indptr / indices from the live lists (Triton). See the module docstring."""
     _validate(arena, row_pages, lens, rows, num_layers)
     out_ptr, out_idx = _check_out(out, rows, arena, num_layers, max_entries)
-    indptr = _indptr(lens, rows, num_layers, out_ptr)
+    indptr = step_indptr(lens, rows, num_layers, out_ptr)
     R, LH, P = rows.numel(), arena.shape[1], arena.shape[2]
     indices = _indices(indptr, max_entries, out_idx, arena.device)
     n = indices.numel()

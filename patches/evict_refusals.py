@@ -4,20 +4,20 @@ calls the same `refusal` before SGLang starts."""
 
 from __future__ import annotations
 
-from sglang_evict.config import ATTENTION_BACKEND
+from sglang_evict.config import ATTENTION_BACKEND, EvictConfig
 from sglang_evict.patches.evict_state import HeadEvictError, config
 
 CHECK_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
 
 
-def refusal(server_args, policy: str) -> str | None:
+def refusal(server_args, cfg: EvictConfig) -> str | None:
     """Why this server cannot run head-granular eviction with these SGLang settings (one line
     naming the setting), or None. Checked in SGLang's own process (`ServerArgs.
     check_server_args`), so plain `python -m sglang.launch_server` refuses them too."""
     def get(name, default=None):
         return getattr(server_args, name, default)
 
-    policy = f"--evict-policy {policy}"
+    policy = f"--evict-policy {cfg.policy}"
     if get("attention_backend") != ATTENTION_BACKEND:
         return f"{policy} needs --attention-backend {ATTENTION_BACKEND}, got {get('attention_backend')}"
     if not get("disable_radix_cache", False):
@@ -32,11 +32,25 @@ def refusal(server_args, policy: str) -> str | None:
         return f"{policy} stores K/V in the model dtype: --kv-cache-dtype {dtype} is not supported"
     if get("speculative_algorithm"):
         return f"{policy} does not support speculative decoding (--speculative-algorithm)"
+    if cfg.kernel == "flashinfer":
+        return _flashinfer_refusal(get)
     return None
 
 
+def _flashinfer_refusal(get) -> str | None:
+    """--evict-kernel flashinfer plans every layer on the host each step: CUDA, eager decode."""
+    if str(get("device") or "cuda") != "cuda":
+        return f"--evict-kernel flashinfer needs --device cuda, got {get('device')}"
+    if not get("disable_cuda_graph", False):
+        return ("--evict-kernel flashinfer plans each layer on the host every step, so decode "
+                "runs eagerly: add --disable-cuda-graph (or use --evict-kernel triton)")
+    from sglang_evict.kernels.flashinfer_lists import flashinfer_available
+
+    return flashinfer_available()
+
+
 def after_check_server_args(result, server_args, *args, **kwargs):
-    why = refusal(server_args, config().policy)
+    why = refusal(server_args, config())
     if why is not None:
         raise HeadEvictError(f"sglang-evict: {why}")
     return result

@@ -1,11 +1,28 @@
-"""ModelRunner.forward (AFTER): the evictor enforces the budgets after every step, including
-between prefill chunks; and each finishing request's statistics for its meta_info."""
+"""One forward step:
+- ForwardBatch.init_new (AFTER): a decode batch keeps the scheduler's host copy of its
+  req_to_token rows (SGLang passes it on for extend only), so the step reads no rows back from
+  the device;
+- ModelRunner.forward (AFTER): the evictor enforces the budgets after every step, including
+  between prefill chunks; and each finishing request's statistics for its meta_info."""
 
 from __future__ import annotations
 
 from sglang_evict.patches.evict_state import _state
 
 FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
+INIT_FORWARD_BATCH = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
+
+
+def after_init_forward_batch(forward_batch, *args, **kwargs):
+    batch = kwargs.get("batch")
+    if batch is None:  # init_new(cls, batch, model_runner, ...): cls may or may not be passed
+        batch = next(a for a in args if hasattr(a, "req_pool_indices"))
+    rows = getattr(batch, "req_pool_indices_cpu", None)
+    if (forward_batch.req_pool_indices_cpu is None and rows is not None
+            and forward_batch.forward_mode.is_decode()
+            and rows.numel() == forward_batch.req_pool_indices.numel()):
+        forward_batch.req_pool_indices_cpu = rows
+    return forward_batch
 
 
 def after_forward(result, runner, *args, **kwargs):
@@ -43,4 +60,5 @@ def _policy_label(ev) -> dict:
 
 
 def register(registry, hook_type) -> None:
+    registry.register(INIT_FORWARD_BATCH, after_init_forward_batch, hook_type.AFTER)
     registry.register(FORWARD, after_forward, hook_type.AFTER)

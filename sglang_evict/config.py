@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 ENV_VAR = "SGLANG_EVICT_CONFIG"
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+KERNEL_BACKENDS = ("auto", "triton", "torch", "flashinfer")
 # CLI policy name -> (policies.py registry name, evictor mode). "retention" is TrimKV (a fixed
 # budget per layer and head), "retention-global" DBTrimKV (one budget per request shared by all
 # its layers and heads); the training-free baselines use the global budget, so they compete
@@ -52,7 +52,8 @@ class EvictConfigError(ValueError):
 class EvictConfig:
     gates: str | None = None  # gate checkpoint: ours (.safetensors) or the authors' (.pth / folder)
     # Kernels: Triton where it compiles for real (CUDA); on CPU the torch paths, since Triton's
-    # interpreter is far too slow for a serving hot path.
+    # interpreter is far too slow for a serving hot path. "flashinfer": FlashInfer's paged
+    # attention over the same lists (CUDA), Triton for the rest.
     kernel: str = "auto"
     # Head-granular eviction (None = SGLang's own KV pool, no eviction).
     policy: str | None = None
@@ -120,9 +121,15 @@ class EvictConfig:
         twins otherwise (Triton's CPU interpreter is far too slow to serve with)."""
         import torch
 
-        return self.kernel == "triton" or (
+        return self.kernel in ("triton", "flashinfer") or (
             self.kernel == "auto" and torch.device(device).type == "cuda"
         )
+
+    def attention_kernel(self, device) -> str:
+        """Which attention kernels serve: "flashinfer", "triton" or "torch"."""
+        if self.kernel == "flashinfer":
+            return "flashinfer"
+        return "triton" if self.use_triton(device) else "torch"
 
     @property
     def active(self) -> bool:

@@ -4,7 +4,7 @@ Every SGLang argument passes through unchanged. What this adds:
 - no --model-path: the embedded default model (materialised once, see default_model.py);
 - no CUDA: the CPU settings SGLang needs (torch_native attention, pytorch sampling, CUDA graphs
   off, float32, sleep when idle, a bounded KV pool), each only where the user did not set it;
-- the plugin's own options (`--evict-gates PATH`, `--evict-kernel {auto,triton,torch}`), taken
+- the plugin's own options (`--evict-gates PATH`, `--evict-kernel {auto,triton,torch,flashinfer}`), taken
   out of SGLang's argv and passed to its processes (see config.py);
 - start-up checks that turn the common mistakes (a missing model path, a folder that is not a
   model, a port in use, gates made for another model, a corrupt gate file) into one clear error
@@ -163,7 +163,7 @@ def with_eviction_settings(config: EvictConfig, argv: list[str]) -> list[str]:
     the evictor runs on the host right after each forward, before the scheduler looks at the
     batch's results."""
     out = list(argv)
-    why = evict_refusals.refusal(_server_args_of(out), config.policy)
+    why = evict_refusals.refusal(_server_args_of(out), config)
     if why is not None:
         raise StartupError(why)
     total = flag_value(out, "--max-total-tokens")

@@ -5,7 +5,9 @@ per-layer ragged lists (FlashInfer layout: sequence r*H + h is request r with KV
 group of query heads, so a GPU build can hand the same indptr/indices to FlashInfer). Per layer,
 K, V, log beta and the position are stored in one pass, then attention reads only live
 head-slots: Triton kernels where they compile for real (CUDA, or `--evict-kernel triton`), the
-vectorised torch paths on CPU. Survivors keep their stored positions (keys are post-RoPE and
+vectorised torch paths on CPU, or FlashInfer's paged kernels over the same lists
+(`--evict-kernel flashinfer`, CUDA, eager decode: each layer is planned on the host from the
+lists' host mirror). Survivors keep their stored positions (keys are post-RoPE and
 never re-rotated); causality in extend is decided by stored position, not by list order.
 """
 
@@ -16,6 +18,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_evict.kernels import head_store, ragged_attention
 from sglang_evict.patches import gate_attach
+from sglang_evict.patches.evict_state import HeadEvictError
 
 
 class HeadSlotAttnBackend(AttentionBackend):
@@ -24,7 +27,18 @@ class HeadSlotAttnBackend(AttentionBackend):
         self.cache = cache
         self.device = runner.device
         self.req_to_token = runner.req_to_token_pool.req_to_token
-        if config.use_triton(runner.device):
+        self._flashinfer = None
+        kernel = config.attention_kernel(runner.device)
+        if kernel == "flashinfer":
+            from sglang_evict.kernels.flashinfer_lists import FlashInferLists
+
+            self._store = head_store.store_head_slots
+            self._flashinfer = FlashInferLists(
+                cache.num_layers, runner.model_config.num_attention_heads, cache.num_kv_heads,
+                runner.device,
+            )
+            cache.host_metadata = True
+        elif kernel == "triton":
             self._store = head_store.store_head_slots
             self._decode = ragged_attention.ragged_decode_attention
             self._extend = ragged_attention.ragged_extend_attention
@@ -37,12 +51,17 @@ class HeadSlotAttnBackend(AttentionBackend):
         if forward_batch.forward_mode.is_idle():
             return
         self.cache.prepare(forward_batch, self.req_to_token)
+        if self._flashinfer is not None:
+            step = self.cache.step
+            self._flashinfer.begin_step(step.indptr_host, step.indices, step.q_lens)
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
     # Allocation, list appends and the step metadata run outside the graph (they decide on the
     # host); the graph holds the per-layer store and attention, which read the step's new
     # head-slots, indptr and indices from static buffers whose addresses never change.
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        if self._flashinfer is not None:  # refused at start-up already (evict_refusals)
+            raise HeadEvictError("--evict-kernel flashinfer runs decode eagerly: add --disable-cuda-graph")
         self.cache.init_graph(max_bs)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
@@ -87,8 +106,11 @@ class HeadSlotAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if save_kv_cache and k is not None and v is not None:
             self._save(k, v, layer, forward_batch)
-        indptr, indices = self.cache.step.layer(layer.layer_id)
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        if self._flashinfer is not None:
+            o = self._flashinfer.run(layer.layer_id, q_, self.cache.k, self.cache.v, layer.scaling)
+            return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+        indptr, indices = self.cache.step.layer(layer.layer_id)
         o = self._extend(
             q_,
             forward_batch.positions,
@@ -107,8 +129,11 @@ class HeadSlotAttnBackend(AttentionBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if save_kv_cache and k is not None and v is not None:
             self._save(k, v, layer, forward_batch)
-        indptr, indices = self.cache.step.layer(layer.layer_id)
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        if self._flashinfer is not None:
+            o = self._flashinfer.run(layer.layer_id, q_, self.cache.k, self.cache.v, layer.scaling)
+            return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+        indptr, indices = self.cache.step.layer(layer.layer_id)
         o = self._decode(q_, self.cache.k, self.cache.v, indptr, indices, layer.scaling)
         return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 

@@ -37,7 +37,8 @@ import torch
 
 from sglang_evict.eviction.evictor import Evictor, keep_top
 from sglang_evict.cache.head_slots import EVICTED, HeadSlotPool, HeadSlotPoolFull
-from sglang_evict.kernels.live_indices import live_indices, live_indices_reference
+from sglang_evict.kernels.live_indices import live_indices, live_indices_reference, step_indptr
+from sglang_evict.kernels.select import select_keep
 from sglang_evict.cache.live_lists import NO_OWNER, LiveLists
 
 logger = logging.getLogger(__name__)
@@ -91,12 +92,22 @@ class StepLists:
     """Per-layer live lists of one forward step: layer l's sequence r*H + h is (request r of
     the batch, KV head h); indices are head-slots in position order. One indptr over all layers
     with absolute offsets into one indices buffer, so a layer's lists are two views (no host
-    read; the same addresses every step when the buffers are static, as CUDA graphs need)."""
+    read; the same addresses every step when the buffers are static, as CUDA graphs need).
 
-    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, seqs: int):
+    `indptr_host` (the same indptr on the host, from the lists' host mirror) and `q_lens` (host:
+    query tokens per request) are kept for kernels planned on the host (FlashInfer)."""
+
+    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, seqs: int,
+                 indptr_host: torch.Tensor | None = None, q_lens: torch.Tensor | None = None):
         self._indptr = indptr  # [L * seqs + 1] cumulative over all layers
         self._indices = indices
         self._seqs = seqs
+        self.indptr_host = indptr_host
+        self.q_lens = q_lens
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self._indices
 
     def layer(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._indptr[l * self._seqs : (l + 1) * self._seqs + 1], self._indices
@@ -188,8 +199,14 @@ class HeadKVCache:
         self._batch_rows_dev: torch.Tensor | None = None
         self.q_req: torch.Tensor | None = None
         self.debug_check = debug_check
+        # Also keep each step's indptr on the host (set by a backend that plans there).
+        self.host_metadata = False
+        self._q_lens: torch.Tensor | None = None
         # The step's metadata kernel: Triton where it compiles for real, its torch twin on CPU.
         self._live_indices = live_indices if use_triton else live_indices_reference
+        # Reclaim ranks every live head-slot of the pool as one row: the Triton radix select
+        # spreads that over many programs (a k-th value runs one block per row).
+        self._select_keep = select_keep if use_triton else None
         self.steps = 0
         self.reclaims = 0
 
@@ -230,18 +247,17 @@ class HeadKVCache:
         the step's metadata from the lists."""
         self._prepare(batch, _host(batch, "req_pool_indices"), _host(batch, "seq_lens"),
                       batch.out_cache_loc)
-        seqs = self._batch_rows.numel() * self.num_kv_heads
-        if self.device.type == "cpu":  # host reads are free: the exact size
-            indptr, indices = self._live_indices(
-                self.lists.arena, self.lists.row_pages, self.lists.lens, self._batch_rows_dev,
-                self.num_layers,
-            )
-        else:  # a bound instead of the exact size: no host read
-            indptr, indices = self._live_indices(
-                self.lists.arena, self.lists.row_pages, self.lists.lens, self._batch_rows_dev,
-                self.num_layers, max_entries=self.capacity,
-            )
-        self.step = StepLists(indptr, indices, seqs)
+        rows = self._batch_rows
+        # The host mirror of the list lengths gives the exact size: no device read.
+        total = int(self.lists.lens_host[rows].sum())
+        indptr, indices = self._live_indices(
+            self.lists.arena, self.lists.row_pages, self.lists.lens, self._batch_rows_dev,
+            self.num_layers, max_entries=total,
+        )
+        host = (step_indptr(self.lists.lens_host, rows, self.num_layers)
+                if self.host_metadata else None)
+        self.step = StepLists(indptr, indices, rows.numel() * self.num_kv_heads, host,
+                              self._q_lens)
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
     def init_graph(self, max_bs: int) -> None:
@@ -320,6 +336,7 @@ class HeadKVCache:
         st.peak_before_evict[rows] = torch.maximum(st.peak_before_evict[rows], st.live[rows])
         self._batch_rows = rows
         self._batch_rows_dev = rows.to(self.device)
+        self._q_lens = counts
 
     def store(self, layer: int, k, v, log_beta, positions, store_fn) -> None:
         slot = self.new_slots[:, layer, :]
@@ -398,8 +415,12 @@ class HeadKVCache:
         if take <= 0:
             return 0
         # one ranking over the whole pool; ties to the lower (row, layer, head, list index)
-        tie = torch.arange(R * LH * W, device=self.device).view(1, -1)
-        keep = keep_top(scores.view(1, -1), live - take, tie).view(R, LH, W) & valid
+        if self._select_keep is not None:
+            keep = self._select_keep(scores.view(-1), live - take)
+        else:
+            tie = torch.arange(R * LH * W, device=self.device).view(1, -1)
+            keep = keep_top(scores.view(1, -1), live - take, tie)
+        keep = keep.view(R, LH, W) & valid
         dropped = self._drop(rows, entries, valid, keep)
         st = self.stats
         st.reclaimed[rows] += dropped

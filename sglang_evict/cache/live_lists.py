@@ -10,7 +10,7 @@ size P:
     arena       int32 [num_pages, LH, P]   head-slot ids; a page holds P consecutive entries of
                                            each of a holder's LH lists
     row_pages   int32 [rows, pages_per_row] the holder's pages in order (a page table)
-    lens        int32 [rows, LH]           live entries per list (device)
+    lens        int32 [rows, LH]           live entries per list (device; `lens_host` mirrors it)
     owner       int32 [capacity]           the holder whose list holds each head-slot, or -1
 
 Entry j of list (row, lh) sits at arena[row_pages[row, j // P], lh, j % P]. A new token appends
@@ -68,7 +68,9 @@ class LiveLists:
         )
         self.lens = torch.zeros(num_rows, heads_per_token, dtype=torch.int32, device=self.device)
         self.owner = torch.full((capacity,), NO_OWNER, dtype=torch.int32, device=self.device)
-        # Host mirrors: a holder's longest list and how many pages it holds, and the free pages.
+        # Host mirrors: every list's length (so a step's indptr and sizes are known without a
+        # device read), a holder's longest list and how many pages it holds, and the free pages.
+        self.lens_host = torch.zeros(num_rows, heads_per_token, dtype=torch.long)
         self.span = torch.zeros(num_rows, dtype=torch.long)
         self.num_row_pages = torch.zeros(num_rows, dtype=torch.long)
         self.row_pages_host = torch.full((num_rows, self.pages_per_row), -1, dtype=torch.long)
@@ -160,6 +162,7 @@ class LiveLists:
         self.arena[page, lh, at % self.page_size] = slots.to(torch.int32)
         self.lens.index_add_(0, rows_d, counts_d[:, None].expand(-1, self.heads_per_token).to(torch.int32))
         self.owner[slots.reshape(-1).long()] = row_of[:, None].expand_as(at).reshape(-1).to(torch.int32)
+        self.lens_host[rows] += counts[:, None]
         self.span[rows] += counts
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +186,8 @@ class LiveLists:
     def compact(self, rows: torch.Tensor, keep: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         """Keep, in order, the entries of `rows` (host int64) where keep [R, LH, W] holds
         (`entries` as `gather` returned them); returns the new lens [R, LH] (device). The caller
-        frees what was dropped. One host read: the new spans, to return emptied pages."""
+        frees what was dropped. One host read: the new lengths (the host mirror; the spans
+        return emptied pages)."""
         dev = self.device
         R, LH, W = keep.shape
         if R == 0:
@@ -197,7 +201,9 @@ class LiveLists:
         self.arena[page, lh_i, at % P] = entries[keep].to(torch.int32)
         new_lens = keep.sum(dim=2, dtype=torch.int32)
         self.lens[rows_d] = new_lens
-        self._shrink(rows, new_lens.max(dim=1).values.cpu().long())
+        host = new_lens.cpu().long()
+        self.lens_host[rows] = host
+        self._shrink(rows, host.max(dim=1).values)
         return new_lens
 
     def drop(self, rows: torch.Tensor) -> None:
@@ -206,10 +212,12 @@ class LiveLists:
         if rows.numel() == 0:
             return
         self.lens[rows.to(self.device)] = 0
+        self.lens_host[rows] = 0
         self._shrink(rows, torch.zeros_like(rows))
 
     def reset(self) -> None:
         self.lens.zero_()
+        self.lens_host.zero_()
         self.owner.fill_(NO_OWNER)
         self.row_pages.fill_(-1)
         self.row_pages_host.fill_(-1)
@@ -242,6 +250,9 @@ class LiveLists:
         if not torch.equal(self.row_pages.cpu().long(), self.row_pages_host):
             raise LiveListIntegrityError("device page table differs from its host mirror")
         lens = self.lens.cpu().long()
+        if not torch.equal(lens, self.lens_host):
+            r = int((lens != self.lens_host).any(1).nonzero()[0, 0])
+            raise LiveListIntegrityError(f"row {r}: host list lengths differ from the device's")
         if not torch.equal(lens.max(dim=1).values, self.span):
             r = int((lens.max(dim=1).values != self.span).nonzero()[0, 0])
             raise LiveListIntegrityError(

@@ -10,60 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_evict.backend.attention_backend import HeadSlotAttnBackend
-
-from head_cache_sim import Mode, make_cache
-
-L, H, G, D = 2, 2, 2, 8
+from backend_sim import L, H, Requests, forward, make_backend
+from head_cache_sim import Mode
 
 
 def _backend(use_triton: bool, req_to_token):
-    cache = make_cache(96, L, H, D, policy="streaming", budget=6, buffer=3, sinks=1, rows=4,
-                       use_triton=use_triton)
-    runner = SimpleNamespace(device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=req_to_token))
-    config = SimpleNamespace(use_triton=lambda device: use_triton)
-    return HeadSlotAttnBackend(runner, cache, config)
-
-
-def _layer(layer_id):
-    return SimpleNamespace(layer_id=layer_id, tp_k_head_num=H, tp_q_head_num=H * G,
-                           qk_head_dim=D, v_head_dim=D, scaling=D ** -0.5)
-
-
-class Requests:
-    """SGLang's virtual side for both backends: rows, token ids, positions."""
-
-    def __init__(self):
-        self.req_to_token = torch.zeros(4, 128, dtype=torch.int32)
-        self.lens = {}
-        self.next_id = 1
-
-    def batch(self, chunks: dict[int, int]):
-        rows, ids, pos, prefix, ext = list(chunks), [], [], [], []
-        for r in rows:
-            n, k = self.lens.get(r, 0), chunks[r]
-            new = torch.arange(self.next_id, self.next_id + k)
-            self.next_id += k
-            self.req_to_token[r, n:n + k] = new.int()
-            ids.append(new)
-            pos.append(torch.arange(n, n + k))
-            prefix.append(n)
-            ext.append(k)
-            self.lens[r] = n + k
-        seq = torch.tensor([self.lens[r] for r in rows])
-        decode = all(k == 1 for k in ext) and all(p > 0 for p in prefix)
-        return SimpleNamespace(
-            batch_size=len(rows), out_cache_loc=torch.cat(ids), req_pool_indices=torch.tensor(rows),
-            seq_lens=seq, seq_lens_cpu=seq, extend_seq_lens=torch.tensor(ext),
-            extend_prefix_lens=torch.tensor(prefix), positions=torch.cat(pos),
-            forward_mode=Mode(decode),
-        )
-
-    def finish(self, row, backends):
-        ids = self.req_to_token[row, : self.lens.pop(row)]
-        for b in backends:
-            b.cache.free(ids)
-            b.cache.release(row)
+    return make_backend("triton" if use_triton else "torch", req_to_token)
 
 
 def _replay_view(batch, bs):
@@ -81,21 +33,6 @@ def _replay_view(batch, bs):
     )
 
 
-def _forward(backend, batch, gen, pad=0, decode=True):
-    """Every layer: store this step's K/V and attend (as the model does), outputs per layer."""
-    T = batch.positions.numel()
-    outs = []
-    for l in range(L):
-        q = torch.randn(T - pad, H * G * D, generator=gen)
-        k = torch.randn(T - pad, H * D, generator=gen)
-        v = torch.randn(T - pad, H * D, generator=gen)
-        if pad:  # padded requests carry garbage; nothing of theirs may be stored or read
-            q, k, v = (torch.cat([x, torch.full((pad, x.shape[1]), 1e4)]) for x in (q, k, v))
-        fwd = backend.forward_decode if decode else backend.forward_extend
-        outs.append(fwd(q, k, v, _layer(l), batch))
-    return outs
-
-
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
 def test_replay_metadata_equals_eager(use_triton):
     reqs = Requests()
@@ -109,7 +46,7 @@ def test_replay_metadata_equals_eager(use_triton):
     capture = SimpleNamespace(batch_size=max_bs, forward_mode=Mode(True))
     graph.init_forward_metadata_out_graph(capture, in_capture=True)
     free = graph.cache.pool.num_free
-    o = _forward(graph, SimpleNamespace(positions=torch.zeros(max_bs, dtype=torch.long)),
+    o = forward(graph, SimpleNamespace(positions=torch.zeros(max_bs, dtype=torch.long)),
                  torch.Generator().manual_seed(9))
     assert all(bool((x == 0).all()) for x in o)  # nothing listed, nothing attended
     assert graph.cache.pool.num_free == free and not bool(graph.cache.lists.lens.any())
@@ -117,7 +54,7 @@ def test_replay_metadata_equals_eager(use_triton):
     prefill = reqs.batch({0: 9, 1: 5, 2: 12})
     for b in (eager, graph):  # prefill runs eager in both
         b.init_forward_metadata(prefill)
-        _forward(b, prefill, torch.Generator().manual_seed(1), decode=False)
+        forward(b, prefill, torch.Generator().manual_seed(1), decode=False)
         b.cache.after_forward(prefill, reqs.req_to_token)
 
     rows = [0, 1, 2]
@@ -127,11 +64,11 @@ def test_replay_metadata_equals_eager(use_triton):
             rows = [0, 2]
         batch = reqs.batch({r: 1 for r in rows})
         eager.init_forward_metadata(batch)
-        want = _forward(eager, batch, torch.Generator().manual_seed(step))
+        want = forward(eager, batch, torch.Generator().manual_seed(step))
 
         view = _replay_view(batch, max_bs)
         graph.init_forward_metadata_out_graph(view)
-        got = _forward(graph, view, torch.Generator().manual_seed(step), pad=view.num_padding)
+        got = forward(graph, view, torch.Generator().manual_seed(step), pad=view.num_padding)
         for l in range(L):
             seqs = max_bs * H
             indptr, indices = graph.cache.step.layer(l)

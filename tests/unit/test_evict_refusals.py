@@ -6,12 +6,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sglang_evict.patches.evict_pool import check_model
 from sglang_evict.patches.evict_refusals import refusal
 from sglang_evict.patches.evict_state import HeadEvictError
 from sglang_evict.serve import StartupError, with_eviction_settings
 from sglang_evict.config import EvictConfig
+
+STREAMING = EvictConfig(policy="streaming", budget=8)
 
 GOOD = dict(
     attention_backend="sglang_evict", disable_radix_cache=True, page_size=1, tp_size=1,
@@ -34,14 +37,26 @@ GOOD = dict(
     ],
 )
 def test_each_unsupported_setting_is_named(change, match):
-    assert refusal(SimpleNamespace(**GOOD), "streaming") is None
-    why = refusal(SimpleNamespace(**{**GOOD, **change}), "streaming")
+    assert refusal(SimpleNamespace(**GOOD), STREAMING) is None
+    why = refusal(SimpleNamespace(**{**GOOD, **change}), STREAMING)
     assert why is not None and match in why and "\n" not in why
 
 
 def test_cuda_graphs_and_the_overlap_scheduler_are_served():
     on = dict(GOOD, disable_overlap_schedule=False, disable_cuda_graph=False)
-    assert refusal(SimpleNamespace(**on), "streaming") is None
+    assert refusal(SimpleNamespace(**on), STREAMING) is None
+
+
+def test_flashinfer_kernel_needs_cuda_and_eager_decode():
+    fi = EvictConfig(policy="streaming", budget=8, kernel="flashinfer")
+    why = refusal(SimpleNamespace(**GOOD, device="cpu"), fi)
+    assert why == "--evict-kernel flashinfer needs --device cuda, got cpu"
+    graphs = dict(GOOD, disable_cuda_graph=False, device="cuda")
+    why = refusal(SimpleNamespace(**graphs), fi)
+    assert "--disable-cuda-graph" in why and "\n" not in why
+    why = refusal(SimpleNamespace(**GOOD, device="cuda"), fi)
+    if not torch.cuda.is_available():  # this machine: said in one line, before SGLang starts
+        assert why == "--evict-kernel flashinfer needs a CUDA device"
 
 
 def test_serve_refuses_before_sglang_starts_with_the_same_reason():

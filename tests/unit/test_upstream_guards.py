@@ -3,6 +3,7 @@ changes one fails loudly instead of silently disabling a patch."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from importlib.metadata import entry_points, version
@@ -141,6 +142,13 @@ def test_head_evict_targets():
     assert _params(h.ALLOC_FREE) == ["self", "free_index"]
     assert _params(h.ALLOC_CLEAR) == ["self"]
     assert _params(h.FORWARD)[:2] == ["self", "forward_batch"]
+    # decode batches: the scheduler's host rows exist, and SGLang drops them outside extend
+    assert _params(h.INIT_FORWARD_BATCH)[:2] == ["batch", "model_runner"]
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    assert "req_pool_indices_cpu" in {f.name for f in dataclasses.fields(ScheduleBatch)}
+    assert "is_extend_without_speculative()" in inspect.getsource(ForwardBatch.init_new)
     assert _params(h.DECODE_CAPACITY) == [
         "self", "num_tokens", "tree_cache", "requests", "spec_algorithm",
     ]
