@@ -21,7 +21,12 @@ def refusal(server_args, cfg: EvictConfig) -> str | None:
     if get("attention_backend") != ATTENTION_BACKEND:
         return f"{policy} needs --attention-backend {ATTENTION_BACKEND}, got {get('attention_backend')}"
     if not get("disable_radix_cache", False):
-        return f"{policy} cannot run with the radix cache yet: add --disable-radix-cache"
+        if get("enable_session_radix_cache", False):
+            return f"{policy} does not support --enable-session-radix-cache yet"
+        if get("radix_cache_backend"):
+            return f"{policy} shares prefixes through SGLang's default radix cache: drop --radix-cache-backend"
+        if get("enable_hierarchical_cache", False):
+            return f"{policy} keeps the radix cache on the device: --enable-hierarchical-cache is not supported"
     if (get("page_size") or 1) != 1:
         return f"{policy} needs --page-size 1 (one token per slot), got {get('page_size')}"
     for name, flag in (("tp_size", "--tp-size"), ("pp_size", "--pp-size"), ("dp_size", "--dp-size")):

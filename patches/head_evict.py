@@ -7,6 +7,7 @@ tests/unit/test_upstream_guards.py); this one registers them, only with `--evict
     evict_pool       pool sizing (virtual token ids, head-slot capacity), the HeadKVCache
     evict_admission  allocator free / clear, decode capacity, prefill budgets (physical pool)
     evict_step       after every forward: the batched evictor; per-request statistics
+    evict_radix      the radix tree's checkpoints: cached prefixes shared with their head-slots
     evict_requests   per-request policy overrides (custom_params), refused when malformed
     evict_backend    the `sglang_evict` attention backend
     evict_state      what they share in one process
@@ -18,13 +19,14 @@ from sglang_evict.patches import (
     evict_admission,
     evict_backend,
     evict_pool,
+    evict_radix,
     evict_refusals,
     evict_requests,
     evict_step,
 )
 from sglang_evict.patches.evict_state import config
 
-HOOKS = (evict_refusals, evict_pool, evict_admission, evict_step, evict_requests)
+HOOKS = (evict_refusals, evict_pool, evict_admission, evict_step, evict_requests, evict_radix)
 
 
 def register(registry, hook_type) -> None:

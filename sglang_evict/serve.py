@@ -250,6 +250,10 @@ def _server_args_of(argv: list[str]) -> SimpleNamespace:
         speculative_algorithm=flag_value(argv, "--speculative-algorithm"),
         disable_overlap_schedule=has_flag(argv, "--disable-overlap-schedule"),
         disable_cuda_graph=has_flag(argv, "--disable-cuda-graph"),
+        enable_session_radix_cache=has_flag(argv, "--enable-session-radix-cache"),
+        enable_hierarchical_cache=has_flag(argv, "--enable-hierarchical-cache"),
+        radix_cache_backend=flag_value(argv, "--radix-cache-backend"),
+        device=flag_value(argv, "--device"),
     )
 
 

@@ -49,12 +49,14 @@ class CacheSim:
         self.free_ids = list(range(1, cache.pool.num_virtual))
         self.gen = torch.Generator().manual_seed(seed)
 
-    def step(self, chunks: dict[int, int], log_beta: float | torch.Tensor | None = 0.0):
+    def step(self, chunks: dict[int, int], log_beta: float | torch.Tensor | None = 0.0,
+             extend: bool = False):
         """One forward: request row r gets chunks[r] new tokens (a decode step if every chunk is
-        1 and every row already holds tokens). log_beta None draws it at random. If the cache
-        cannot fit the step, our side is undone (SGLang would retract) and the error raised."""
+        1 and every row already holds tokens, unless `extend`: a new request after a cached
+        prefix). log_beta None draws it at random. If the cache cannot fit the step, our side is
+        undone (SGLang would retract) and the error raised."""
         rows = list(chunks)
-        decode = all(chunks[r] == 1 and self.lens[r] > 0 for r in rows)
+        decode = not extend and all(chunks[r] == 1 and self.lens[r] > 0 for r in rows)
         ids, pos, prefix, ext = [], [], [], []
         for r in rows:
             k = chunks[r]

@@ -209,6 +209,12 @@ class HeadKVCache:
         self._select_keep = select_keep if use_triton else None
         self.steps = 0
         self.reclaims = 0
+        # Radix cache: per virtual id, the length t of the sequence the tree took it from (its
+        # entries' age for the global evictor), -1 while the tree does not hold it; host counts
+        # of the live head-slots the tree holds and of those among them that are protected.
+        self.tree_t = torch.full((num_virtual,), -1, dtype=torch.long, device=self.device)
+        self.tree_live = 0
+        self.tree_protected = 0
 
     @property
     def capacity(self) -> int:
@@ -246,7 +252,7 @@ class HeadKVCache:
         """Allocate head-slots for the batch's new tokens, append them to their lists and build
         the step's metadata from the lists."""
         self._prepare(batch, _host(batch, "req_pool_indices"), _host(batch, "seq_lens"),
-                      batch.out_cache_loc)
+                      batch.out_cache_loc, req_to_token)
         rows = self._batch_rows
         # The host mirror of the list lengths gives the exact size: no device read.
         total = int(self.lists.lens_host[rows].sum())
@@ -300,9 +306,11 @@ class HeadKVCache:
             )
         return self.graph
 
-    def _prepare(self, batch, rows: torch.Tensor, seq: torch.Tensor, out_cache_loc) -> None:
+    def _prepare(self, batch, rows: torch.Tensor, seq: torch.Tensor, out_cache_loc,
+                 req_to_token: torch.Tensor | None = None) -> None:
         """The step's bookkeeping: head-slots for the new tokens (reclaiming first if the pool
-        is short), appended to their lists; host statistics."""
+        is short), appended to their lists; a new request that matched a cached prefix has its
+        lists loaded from the virtual map first; host statistics."""
         new_ids = out_cache_loc.to(self.device, torch.long)
         need = new_ids.numel() * self.heads_per_token
         if need > self.pool.num_free:
@@ -324,10 +332,19 @@ class HeadKVCache:
                 torch.arange(R, device=self.device), counts.to(self.device),
                 output_size=new_ids.numel(),
             )
-            fresh = rows[_host(batch, "extend_prefix_lens") == 0]
-            if fresh.numel():  # a row's first chunk: a new request (or a retracted one anew)
+            prefix = _host(batch, "extend_prefix_lens")
+            # a row's first chunk: a new request (or a retracted one anew), maybe after a
+            # prefix the radix tree had cached
+            new = ~self.stats.active[rows] | (prefix == 0)
+            fresh = rows[new]
+            if fresh.numel():
                 self._forget(fresh)
                 self.stats.start(fresh)
+                hit = new & (prefix > 0)
+                if bool(hit.any()):
+                    if req_to_token is None:
+                        raise RuntimeError("a cached prefix needs req_to_token to load its lists")
+                    self.load_rows(rows[hit], req_to_token, prefix[hit], prefix[hit])
         self.lists.append(rows, counts, self.new_slots.view(-1, self.heads_per_token))
         st = self.stats
         st.active[rows] = True
@@ -352,7 +369,8 @@ class HeadKVCache:
         for i in torch.unique(ev_ids[ev_ids >= 0]).tolist():  # one pass per distinct policy
             evictor = self.evictors[i]
             mine = rows[ev_ids == i]
-            due = mine[evictor.triggered(st.live[mine], self.lists.span[mine])]
+            live, span = self._private_counts(mine)
+            due = mine[evictor.triggered(live, span)]
             if due.numel():
                 self._evict_rows(due, evictor)
         st.peak_live[rows] = torch.maximum(st.peak_live[rows], st.live[rows])
@@ -362,11 +380,29 @@ class HeadKVCache:
         self.step = None
         self._batch_rows = self._batch_rows_dev = None
 
+    def _private_counts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host int64 [R] each: the private head-slots of `rows` and their longest private
+        list (shared prefix entries are the tree's, not the request's budget)."""
+        lists = self.lists
+        shared = lists.shared_host[rows]
+        if not bool(shared.any()):
+            return self.stats.live[rows], lists.span[rows]
+        own = lists.lens_host[rows] - shared
+        return own.sum(dim=1), own.max(dim=1).values
+
+    def _private(self, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """bool [R, LH, W]: the gathered entries of `rows` past their lists' shared parts."""
+        j = torch.arange(valid.shape[2], device=self.device)
+        return valid & (j >= self.lists.shared[rows.to(self.device)][:, :, None])
+
     def _evict_rows(self, rows: torch.Tensor, evictor: Evictor) -> None:
         entries, valid = self.lists.gather(rows)
         pos = self.pos[entries.clamp(min=0)]
         seq = self.stats.seq_len[rows].to(self.device)
-        keep = evictor.keep_lists(entries, valid, pos, seq, self.log_beta, self.k)
+        # a request's own eviction never takes a shared entry from under the tree
+        private = self._private(rows, valid)
+        keep = evictor.keep_lists(entries, private, pos, seq, self.log_beta, self.k)
+        keep = keep | (valid & ~private)
         free_before = self.pool.num_free
         dropped = self._drop(rows, entries, valid, keep)
         st = self.stats
@@ -391,73 +427,218 @@ class HeadKVCache:
 
     # ------------------------------------------------------------------ cross-request reclaim
     def reclaim(self, deficit: int, req_to_token: torch.Tensor | None = None) -> int:
-        """Free at least `deficit` head-slots, lowest score first across every request that holds
-        any and allows eviction (each scored by its own policy; a request with policy none is
-        never reclaimed from); protected entries are never taken. Returns the number freed (less
-        than deficit only when too much is protected)."""
+        """The global evictor: free at least `deficit` head-slots, lowest utility first, in one
+        ranking over every request's private entries (each scored by its own policy; a request
+        with policy none is never reclaimed from) and every head-slot the radix tree holds
+        (scored by the server's policy at its youngest holder's length; pinned while a policy
+        none request lists it). Protected entries are never taken. Returns the number freed
+        (less than deficit only when too much is protected)."""
+        dev = self.device
+        st = self.stats
         rows = self._reclaimable_rows()
-        if rows.numel() == 0:
-            return 0
         entries, valid = self.lists.gather(rows)
         R, LH, W = entries.shape
-        scores = torch.full((R, LH, W), -math.inf, device=self.device)
+        private = self._private(rows, valid)
+        scores = torch.full((R, LH, W), -math.inf, device=dev)
         ev_ids = self.row_evictor[rows]
         pos = self.pos[entries.clamp(min=0)]
-        seq = self.stats.seq_len[rows].to(self.device)
-        for i in torch.unique(ev_ids).tolist():
-            sel = (ev_ids == i).to(self.device)
+        seq = st.seq_len[rows].to(dev)
+        for i in torch.unique(ev_ids).tolist():  # one pass per distinct policy
+            sel = (ev_ids == i).to(dev)
             scores[sel] = self.evictors[i].score_lists(
-                entries[sel], valid[sel], pos[sel], seq[sel], self.log_beta, self.k
+                entries[sel], private[sel], pos[sel], seq[sel], self.log_beta, self.k
             )
-        live = int(valid.sum())
-        evictable = int((valid & torch.isfinite(scores)).sum())
+        tree_slots, tree_lh, tree_scores = self._tree_candidates()
+        flat = torch.cat([scores.view(-1), tree_scores])
+        live = int(private.sum()) + tree_slots.numel()
+        evictable = int(torch.isfinite(flat).sum())  # -inf: no entry; +inf: protected
         take = min(deficit, evictable)
         if take <= 0:
             return 0
-        # one ranking over the whole pool; ties to the lower (row, layer, head, list index)
+        # one ranking over the whole pool; ties to the lower (row, layer, head, list index),
+        # then the tree's entries
         if self._select_keep is not None:
-            keep = self._select_keep(scores.view(-1), live - take)
+            keep = self._select_keep(flat, live - take)
         else:
-            tie = torch.arange(R * LH * W, device=self.device).view(1, -1)
-            keep = keep_top(scores.view(1, -1), live - take, tie)
-        keep = keep.view(R, LH, W) & valid
-        dropped = self._drop(rows, entries, valid, keep)
-        st = self.stats
+            tie = torch.arange(flat.numel(), device=dev).view(1, -1)
+            keep = keep_top(flat.view(1, -1), live - take, tie)[0]
+        n_rows = R * LH * W
+        keep_rows = (keep[:n_rows].view(R, LH, W) & valid) | (valid & ~private)
+        dropped = self._drop(rows, entries, valid, keep_rows)
         st.reclaimed[rows] += dropped
         st.evicted[rows] += dropped
         st.live[rows] -= dropped
-        freed = int(dropped.sum())
+        gone = ~keep[n_rows:]
+        freed = int(dropped.sum()) + self._drop_shared(tree_slots[gone], tree_lh[gone])
         self.reclaims += 1
-        logger.info("sglang-evict: reclaimed %d head-slots across %d requests", freed, R)
+        logger.info("sglang-evict: reclaimed %d head-slots across %d requests and the tree",
+                    freed, R)
         return freed
+
+    def _tree_candidates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The live head-slots the tree holds: (slots, their layer*H + head, scores), scored by
+        the server's policy at the length of their youngest holder: the sequence the tree took
+        them from, or a running request that lists them at a shorter length."""
+        dev = self.device
+        none = torch.zeros(0, dtype=torch.long, device=dev)
+        if self.tree_live == 0 or self.evictor is None:
+            return none, none, torch.zeros(0, device=dev)
+        LH = self.heads_per_token
+        vids = (self.tree_t >= 0).nonzero()[:, 0]
+        sm = self.pool.slot_map[vids].view(-1, LH).long()
+        held = sm >= 0
+        slots = sm[held]
+        lh = held.nonzero()[:, 1]
+        t_min = torch.full((self.capacity,), torch.iinfo(torch.long).max, dtype=torch.long,
+                           device=dev)
+        t_min[slots] = self.tree_t[vids][:, None].expand_as(sm)[held]
+        pinned = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
+        holders = (self.stats.active & self.lists.shared_host.any(dim=1)).nonzero()[:, 0]
+        if holders.numel():
+            entries, valid = self.lists.gather(holders)
+            shared = valid & ~self._private(holders, valid)
+            seq = self.stats.seq_len[holders].to(dev)[:, None, None].expand_as(entries)
+            t_min.scatter_reduce_(0, entries[shared], seq[shared], reduce="amin")
+            never = (self.row_evictor[holders] < 0).to(dev)[:, None, None].expand_as(entries)
+            pinned[entries[shared & never]] = True
+        t = t_min[slots]
+        n = slots.numel()
+        scores = self.evictor.score_lists(
+            slots.view(1, 1, n), torch.ones(1, 1, n, dtype=torch.bool, device=dev),
+            self.pos[slots].view(1, 1, n), t.view(1, 1, n), self.log_beta, self.k,
+        ).view(n)
+        return slots, lh, scores.masked_fill(pinned[slots], math.inf)
+
+    def _drop_shared(self, slots: torch.Tensor, lh: torch.Tensor) -> int:
+        """Evict head-slots the tree holds: their virtual ids keep their keys in the tree with
+        holes here; every running request that lists them loses them too."""
+        n = slots.numel()
+        if n == 0:
+            return 0
+        self.pool.evict_slots(slots, lh)
+        self.tree_live -= n
+        holders = self.lists.shared_host.any(dim=1).nonzero()[:, 0]
+        if holders.numel():
+            gone = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+            gone[slots] = True
+            entries, valid = self.lists.gather(holders)
+            hit = valid & gone[entries.clamp(min=0)]
+            lost = hit.sum(dim=(1, 2)).cpu()
+            touched = lost > 0
+            if bool(touched.any()):
+                r = holders[touched]
+                self.lists.compact(r, (valid & ~hit)[touched.to(self.device)], entries[touched.to(self.device)])
+                self.stats.live[r] -= lost[touched]
+                self.stats.evicted[r] += lost[touched]
+        return n
 
     def _reclaimable_rows(self) -> torch.Tensor:
         st = self.stats
         return (st.active & (st.live > 0) & (self.row_evictor >= 0)).nonzero()[:, 0]
 
     def reclaimable(self) -> int:
-        """Head-slots that `reclaim` could free now: live minus an upper bound on protected ones
-        (sinks plus recent window of every request; a cheap bound, no scoring)."""
+        """Head-slots that `reclaim` could free now: private live minus an upper bound on
+        protected ones (sinks plus recent window of every request; a cheap bound, no scoring),
+        plus the unprotected head-slots the tree holds."""
+        tree = self.tree_live - self.tree_protected if self.evictor is not None else 0
         rows = self._reclaimable_rows()
         if rows.numel() == 0:
-            return 0
+            return max(tree, 0)
         pols = [self.evictors[i].config.policy for i in range(len(self.evictors))]
         prot = torch.tensor([p.sinks + p.window + 1 for p in pols], dtype=torch.long)
         protected = torch.minimum(self.stats.seq_len[rows], prot[self.row_evictor[rows]])
-        live = self.stats.live[rows]
-        return int((live - protected * self.heads_per_token).clamp(min=0).sum())
+        live = self._private_counts(rows)[0]
+        return int((live - protected * self.heads_per_token).clamp(min=0).sum()) + max(tree, 0)
+
+    # ------------------------------------------------------------------ radix cache
+    def load_rows(self, rows: torch.Tensor, req_to_token: torch.Tensor, lens: torch.Tensor,
+                  protected: torch.Tensor) -> None:
+        """Rebuild the lists of `rows` (host int64) from the virtual map: the live head-slots of
+        req_to_token[row, :lens[row]] in position order, those of the first protected[row]
+        tokens (the tree's) shared, the rest owned by the row. For a request that matched a
+        cached prefix, and after SGLang rewrote a running row to the tree's ids; its cost
+        follows the row's length, once."""
+        dev = self.device
+        R, LH = rows.numel(), self.heads_per_token
+        W = int(lens.max()) if R else 0
+        rows_d = rows.to(dev)
+        j = torch.arange(W, device=dev)
+        ids = req_to_token[rows_d, :W].to(dev, torch.long)
+        ok = j[None, :] < lens.to(dev)[:, None]
+        slots = self.pool.slot_map[ids.clamp(min=0)].view(R, W, LH).long()
+        slots = slots.masked_fill(~ok[:, :, None], -1).permute(0, 2, 1)  # [R, LH, W]
+        is_shared = (slots >= 0) & (j[None, None, :] < protected.to(dev)[:, None, None])
+        self.lists.load(rows, slots, is_shared.sum(dim=2))
+        mine = (slots >= 0) & ~is_shared
+        self.lists.owner[slots[mine]] = rows_d[:, None, None].expand_as(slots)[mine].to(torch.int32)
+        self.stats.live[rows] = self.lists.lens_host[rows].sum(dim=1)
+
+    def tree_insert(self, row: int, req_to_token: torch.Tensor, protected: int, running: bool) -> None:
+        """SGLang's radix tree now holds the first `protected` tokens of `row` (a request's
+        checkpoint: finished, or a chunk of a running one). Their head-slots become shared:
+        no longer the request's to evict, kept with their scores for later matches. A running
+        row is reloaded (SGLang may have rewritten it to ids the tree already had); a leaving
+        row keeps only what is still its own."""
+        dev = self.device
+        ids = req_to_token[row, :protected].to(dev, torch.long)
+        new = ids[self.tree_t[ids] < 0]
+        if new.numel():
+            t = int(self.stats.seq_len[row])
+            self.tree_t[new] = t
+            sm = self.pool.slot_map[new].long()  # [k, L, H]
+            held = sm >= 0
+            self.lists.owner[sm[held]] = NO_OWNER
+            pos = self.pos[sm.clamp(min=0)]
+            prot = self._tree_protected_mask(pos, torch.full_like(pos, t)) & held
+            counts = torch.stack([held.sum(), prot.sum()]).cpu()
+            self.tree_live += int(counts[0])
+            self.tree_protected += int(counts[1])
+        rows = torch.tensor([row])
+        if running:
+            self.load_rows(rows, req_to_token, self.stats.seq_len[rows].clamp(min=protected),
+                           torch.tensor([protected]))
+        else:
+            self._keep_owned(rows)
+
+    def _tree_protected_mask(self, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Which tree entries the server's policy protects (sinks, recent window at length t)."""
+        if self.evictor is None:
+            return torch.ones_like(pos, dtype=torch.bool)
+        p = self.evictor.config.policy
+        return (pos < p.sinks) | ((p.window > 0) & (pos >= t - p.window))
+
+    def _keep_owned(self, rows: torch.Tensor) -> None:
+        """Drop from the lists of `rows` (host int64) every entry they do not own (shared ones:
+        a request leaving no longer lists the tree's head-slots)."""
+        if rows.numel() == 0 or not bool(self.lists.lens_host[rows].any()):
+            return
+        entries, valid = self.lists.gather(rows)
+        keep = valid & (self.lists.owner[entries.clamp(min=0)] == rows.to(self.device)[:, None, None])
+        self.lists.compact(rows, keep, entries)
+        self.stats.live[rows] = self.lists.lens_host[rows].sum(dim=1)
 
     # ------------------------------------------------------------------ SGLang's side
     def free(self, virtual_ids: torch.Tensor) -> int:
-        """SGLang freed these virtual ids: free their head-slots and take them out of their
-        holders' lists (a whole request at a time, as SGLang releases a row, is the common
-        case: its lists are simply dropped)."""
+        """SGLang freed these virtual ids (a request's own, or the tree's on node eviction):
+        free their head-slots and take them out of their owners' lists (a whole request at a
+        time, as SGLang releases a row, is the common case: its lists are simply dropped)."""
         ids = virtual_ids.to(self.device, torch.long)
         ids = torch.unique(ids[(ids >= 0) & (ids < self.pool.num_virtual)])
-        slots = self.pool.slot_map[ids]
-        slots = slots[slots != EVICTED].long()
+        sm = self.pool.slot_map[ids]
+        live = sm != EVICTED
+        slots = sm[live].long()
         if slots.numel() == 0:
+            self.tree_t[ids] = -1
             return 0
+        if self.tree_live:
+            t = self.tree_t[ids]
+            held = (t >= 0)[:, None, None].expand_as(sm) & live
+            pos = self.pos[sm.long().clamp(min=0)]
+            prot = self._tree_protected_mask(pos, t[:, None, None].expand_as(pos)) & held
+            counts = torch.stack([held.sum(), prot.sum()]).cpu()
+            self.tree_live -= int(counts[0])
+            self.tree_protected -= int(counts[1])
+        self.tree_t[ids] = -1
         owners = self.lists.owner[slots]
         rows, per_row = torch.unique(owners[owners >= 0], return_counts=True)
         rows, per_row = rows.cpu().long(), per_row.cpu().long()
@@ -468,7 +649,8 @@ class HeadKVCache:
         part = rows[~whole]
         if part.numel():
             entries, valid = self.lists.gather(part)
-            keep = valid & (self.lists.owner[entries.clamp(min=0)] == part.to(self.device)[:, None, None])
+            owned = self.lists.owner[entries.clamp(min=0)] == part.to(self.device)[:, None, None]
+            keep = valid & (owned | ~self._private(part, valid))
             self.lists.compact(part, keep, entries)
         self.stats.live[rows] -= per_row
         return freed
@@ -485,6 +667,8 @@ class HeadKVCache:
             return None, evictor
         stats = self.stats.row(row)
         self.stats.active[row] = False
+        if bool(self.lists.shared_host[row].any()):  # leaving: the tree's entries stay the tree's
+            self._keep_owned(torch.tensor([row]))
         return stats, evictor
 
     def row_stats(self, row: int) -> RowStats:
@@ -497,6 +681,8 @@ class HeadKVCache:
             ids = live.flatten(1).any(1).nonzero()[:, 0]
             self.pool.free(ids)
         self.lists.reset()
+        self.tree_t.fill_(-1)
+        self.tree_live = self.tree_protected = 0
         self.stats = RowStatsTable(self.stats.active.numel())
         self.row_evictor.fill_(self._evictor_index(self.evictor))
 
@@ -505,7 +691,17 @@ class HeadKVCache:
         """The pool's and the lists' own checks, the host mirrors against the device, and, given
         req_to_token, each active row's lists against a recomputation from the virtual map."""
         self.pool.check_integrity()
-        self.lists.check_integrity(self.pool.slot_map, self.pos)
+        vid = self.pool.slot_vid.long()
+        tree_slots = (vid >= 0) & (self.tree_t[vid.clamp(min=0)] >= 0)
+        self.lists.check_integrity(self.pool.slot_map, self.pos, tree_slots)
+        if int(tree_slots.sum()) != self.tree_live:
+            raise RuntimeError(f"tree holds {int(tree_slots.sum())} head-slots, counted {self.tree_live}")
+        if self.tree_live:
+            s = tree_slots.nonzero()[:, 0]
+            prot = self._tree_protected_mask(self.pos[s], self.tree_t[vid[s]])
+            if int(prot.sum()) != self.tree_protected:
+                raise RuntimeError(f"tree protects {int(prot.sum())} head-slots, counted "
+                                   f"{self.tree_protected}")
         lens = self.lists.lens.sum(1).cpu().long()
         st = self.stats
         bad = st.active & (lens != st.live)

@@ -11,7 +11,10 @@ size P:
                                            each of a holder's LH lists
     row_pages   int32 [rows, pages_per_row] the holder's pages in order (a page table)
     lens        int32 [rows, LH]           live entries per list (device; `lens_host` mirrors it)
-    owner       int32 [capacity]           the holder whose list holds each head-slot, or -1
+    shared      int32 [rows, LH]           how many of each list's first entries are shared
+                                           (held by the radix tree; `shared_host` mirrors it)
+    owner       int32 [capacity]           the holder whose private part lists each head-slot,
+                                           or -1 (free, or shared: held by the tree)
 
 Entry j of list (row, lh) sits at arena[row_pages[row, j // P], lh, j % P]. A new token appends
 its head-slot at the end of each list: positions arrive in order, so lists stay sorted by
@@ -19,8 +22,11 @@ position and nothing is ever sorted. An eviction compacts the survivors to the f
 once per buffer's worth of growth, amortised. A holder's pages cover its longest list; the host
 keeps that span and the page table's size so that allocating pages never reads the device.
 
-Room for the radix cache: a holder may be a tree node as well as a request; a request's list is
-then the node chain's segments plus its own, each a holder of this structure.
+With the radix cache, a request's list is its matched prefix's surviving head-slots (shared: the
+tree holds them, several requests may list them, their positions come first) followed by its
+private entries (owned by the request, listed once). The request's own evictor only selects
+among private entries; shared ones leave through the global evictor or when the tree frees
+them. A request that matched a prefix has its lists loaded once from the virtual map (`load`).
 """
 
 from __future__ import annotations
@@ -67,10 +73,12 @@ class LiveLists:
             (num_rows, self.pages_per_row), -1, dtype=torch.int32, device=self.device
         )
         self.lens = torch.zeros(num_rows, heads_per_token, dtype=torch.int32, device=self.device)
+        self.shared = torch.zeros(num_rows, heads_per_token, dtype=torch.int32, device=self.device)
         self.owner = torch.full((capacity,), NO_OWNER, dtype=torch.int32, device=self.device)
         # Host mirrors: every list's length (so a step's indptr and sizes are known without a
         # device read), a holder's longest list and how many pages it holds, and the free pages.
         self.lens_host = torch.zeros(num_rows, heads_per_token, dtype=torch.long)
+        self.shared_host = torch.zeros(num_rows, heads_per_token, dtype=torch.long)
         self.span = torch.zeros(num_rows, dtype=torch.long)
         self.num_row_pages = torch.zeros(num_rows, dtype=torch.long)
         self.row_pages_host = torch.full((num_rows, self.pages_per_row), -1, dtype=torch.long)
@@ -89,7 +97,7 @@ class LiveLists:
 
     @property
     def nbytes(self) -> int:
-        t = (self.arena, self.row_pages, self.lens, self.owner)
+        t = (self.arena, self.row_pages, self.lens, self.shared, self.owner)
         return sum(x.numel() * x.element_size() for x in t)
 
     # ------------------------------------------------------------------ pages (host only)
@@ -186,8 +194,8 @@ class LiveLists:
     def compact(self, rows: torch.Tensor, keep: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         """Keep, in order, the entries of `rows` (host int64) where keep [R, LH, W] holds
         (`entries` as `gather` returned them); returns the new lens [R, LH] (device). The caller
-        frees what was dropped. One host read: the new lengths (the host mirror; the spans
-        return emptied pages)."""
+        frees what was dropped. One host read: the new lengths and shared counts (the host
+        mirrors; the spans return emptied pages)."""
         dev = self.device
         R, LH, W = keep.shape
         if R == 0:
@@ -200,11 +208,31 @@ class LiveLists:
         page = self.row_pages[rows_d[r_i], at // P].long()
         self.arena[page, lh_i, at % P] = entries[keep].to(torch.int32)
         new_lens = keep.sum(dim=2, dtype=torch.int32)
+        j = torch.arange(W, device=dev)
+        new_shared = (keep & (j < self.shared[rows_d][:, :, None])).sum(dim=2, dtype=torch.int32)
         self.lens[rows_d] = new_lens
-        host = new_lens.cpu().long()
-        self.lens_host[rows] = host
-        self._shrink(rows, host.max(dim=1).values)
+        self.shared[rows_d] = new_shared
+        host = torch.stack([new_lens, new_shared]).cpu().long()
+        self.lens_host[rows] = host[0]
+        self.shared_host[rows] = host[1]
+        self._shrink(rows, host[0].max(dim=1).values)
         return new_lens
+
+    def load(self, rows: torch.Tensor, entries: torch.Tensor, shared: torch.Tensor) -> None:
+        """Replace the lists of `rows` (host int64) by entries [R, LH, W] (device; head-slots in
+        position order, < 0 where none), of which each list's first shared [R, LH] (device) are
+        shared. Owners are the caller's business. One host read: the new lengths."""
+        dev = self.device
+        R, LH, W = entries.shape
+        self.drop(rows)
+        if R == 0 or W == 0:
+            return
+        self._grow(rows, torch.full((R,), W, dtype=torch.long))
+        self.span[rows] = W
+        keep = entries >= 0
+        self.compact(rows, keep, entries)
+        self.shared[rows.to(dev)] = shared.to(torch.int32)
+        self.shared_host[rows] = shared.cpu().long()
 
     def drop(self, rows: torch.Tensor) -> None:
         """Forget the lists of `rows` (host int64); their head-slots must be freed already or
@@ -212,12 +240,16 @@ class LiveLists:
         if rows.numel() == 0:
             return
         self.lens[rows.to(self.device)] = 0
+        self.shared[rows.to(self.device)] = 0
         self.lens_host[rows] = 0
+        self.shared_host[rows] = 0
         self._shrink(rows, torch.zeros_like(rows))
 
     def reset(self) -> None:
         self.lens.zero_()
+        self.shared.zero_()
         self.lens_host.zero_()
+        self.shared_host.zero_()
         self.owner.fill_(NO_OWNER)
         self.row_pages.fill_(-1)
         self.row_pages_host.fill_(-1)
@@ -228,10 +260,14 @@ class LiveLists:
         self.num_free_pages = n
 
     # ------------------------------------------------------------------ integrity
-    def check_integrity(self, slot_map: torch.Tensor, slot_pos: torch.Tensor) -> None:
-        """Raise LiveListIntegrityError unless the lists hold exactly the live head-slots of the
-        pool (slot_map int32 [V, L, H]), each once, in the list of its (layer, head) and of its
-        owner, in increasing position (slot_pos [capacity]); and the page bookkeeping is exact."""
+    def check_integrity(self, slot_map: torch.Tensor, slot_pos: torch.Tensor,
+                        tree_slots: torch.Tensor | None = None) -> None:
+        """Raise LiveListIntegrityError unless every live head-slot of the pool (slot_map int32
+        [V, L, H]) that the tree does not hold (tree_slots bool [capacity], None = none) is listed
+        once, in the private part of its owner's list of its (layer, head); every head-slot the
+        tree holds has no owner and is listed only in shared parts (by any number of holders);
+        lists run in increasing position (slot_pos [capacity]); the mirrors and the page
+        bookkeeping are exact."""
         LH, P = self.heads_per_token, self.page_size
         rows = torch.arange(self.num_rows)
         # pages: each either free or owned by one holder, within its page count
@@ -262,32 +298,47 @@ class LiveLists:
             raise LiveListIntegrityError("a holder's span exceeds its pages")
         entries, valid = self.gather(rows)
         entries, valid = entries.cpu(), valid.cpu()
-        listed = entries[valid]
+        W = entries.shape[2]
+        shared = self.shared.cpu().long()
+        if not torch.equal(shared, self.shared_host) or bool((shared > lens).any()):
+            raise LiveListIntegrityError("shared counts differ from their mirror or exceed a list")
+        in_shared = valid & (torch.arange(W)[None, None, :] < shared[:, :, None])
+        private = valid & ~in_shared
         V = slot_map.shape[0]
         flat = slot_map.reshape(V, LH).cpu().long()
         live = flat >= 0
         want = flat[live]
         cap = self.owner.numel()
-        seen = torch.bincount(listed, minlength=cap)
-        ref = torch.bincount(want, minlength=cap)
+        held = torch.zeros(cap, dtype=torch.bool) if tree_slots is None else tree_slots.cpu()
+        is_live = torch.zeros(cap, dtype=torch.bool)
+        is_live[want] = True
+        listed = entries[valid]
+        if bool((~is_live[listed]).any()):
+            raise LiveListIntegrityError(f"head-slot {int(listed[~is_live[listed]][0])} is listed but not live")
+        mine = entries[private]
+        seen = torch.bincount(mine, minlength=cap)
+        ref = (is_live & ~held).long()
         if not torch.equal(seen, ref):
             s = int((seen != ref).nonzero()[0, 0])
             raise LiveListIntegrityError(
-                f"head-slot {s} is listed {int(seen[s])} times, live {int(ref[s])} times"
+                f"head-slot {s} is listed privately {int(seen[s])} times, expected {int(ref[s])}"
             )
-        # each entry sits in the list of its own (layer, head) and its owner
+        if bool((~held[entries[in_shared]]).any()):
+            raise LiveListIntegrityError("a shared list entry is not held by the tree")
+        # each entry sits in the list of its own (layer, head); private ones with their owner
         lh_of = torch.full((cap,), -1, dtype=torch.long)
         lh_of[want] = live.nonzero()[:, 1]
         r_i, lh_i, _ = valid.nonzero(as_tuple=True)
         if not torch.equal(lh_of[listed], lh_i):
             raise LiveListIntegrityError("an entry sits in the list of another (layer, head)")
         owner = self.owner.cpu().long()
-        if not torch.equal(owner[listed], r_i):
+        r_p = private.nonzero(as_tuple=True)[0]
+        if not torch.equal(owner[mine], r_p):
             raise LiveListIntegrityError("an entry's owner is not the holder listing it")
-        unlisted = torch.ones(cap, dtype=torch.bool)
-        unlisted[listed] = False
-        if bool((owner[unlisted] != NO_OWNER).any()):
-            raise LiveListIntegrityError("a head-slot in no list still has an owner")
+        unowned = torch.ones(cap, dtype=torch.bool)
+        unowned[mine] = False
+        if bool((owner[unowned] != NO_OWNER).any()):
+            raise LiveListIntegrityError("a head-slot in no private list still has an owner")
         pos = slot_pos.cpu().long()[entries.clamp(min=0)]
         pos = pos.masked_fill(~valid, torch.iinfo(torch.long).max)
         later = valid[:, :, 1:]

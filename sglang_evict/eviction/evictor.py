@@ -154,7 +154,7 @@ class Evictor:
                                     inside a list; -1 / anything where not valid)
         valid     bool  [R, LH, W]
         positions int64 [R, LH, W]  each entry's position
-        seq_len   int64 [R]         each request's length t
+        seq_len   int64 [R]         each request's length t (score_lists also takes [R, LH, W])
         Global mode keeps each request's top L*H*M (the floor first); per-head mode keeps the top
         M of every list holding >= M + B and leaves the others whole. Ties go to the lower
         (position, layer, head): the order of the request's flat (token, layer, head) index.
@@ -190,7 +190,9 @@ class Evictor:
         n = R * LH * W
         dev = entries.device
         safe = entries.clamp(min=0).reshape(n)
-        t = seq_len.to(dev, torch.long)[:, None, None].expand(R, LH, W).reshape(n)
+        t = seq_len.to(dev, torch.long)
+        # a length per request, or one per entry (tree entries: their youngest holder's length)
+        t = (t[:, None, None].expand(R, LH, W) if t.dim() == 1 else t.expand(R, LH, W)).reshape(n)
         log_beta = None
         if log_beta_slots is not None:
             log_beta = log_beta_slots.to(dev)[safe].float()[:, None]

@@ -27,7 +27,9 @@ GOOD = dict(
     "change,match",
     [
         (dict(attention_backend="triton"), "--attention-backend sglang_evict"),
-        (dict(disable_radix_cache=False), "--disable-radix-cache"),
+        (dict(disable_radix_cache=False, enable_session_radix_cache=True), "--enable-session-radix-cache"),
+        (dict(disable_radix_cache=False, enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
+        (dict(disable_radix_cache=False, radix_cache_backend="lmcache"), "--radix-cache-backend"),
         (dict(page_size=16), "--page-size 1"),
         (dict(tp_size=2), "--tp-size 2"),
         (dict(pp_size=2), "--pp-size 2"),
@@ -42,8 +44,9 @@ def test_each_unsupported_setting_is_named(change, match):
     assert why is not None and match in why and "\n" not in why
 
 
-def test_cuda_graphs_and_the_overlap_scheduler_are_served():
-    on = dict(GOOD, disable_overlap_schedule=False, disable_cuda_graph=False)
+def test_cuda_graphs_the_overlap_scheduler_and_the_radix_cache_are_served():
+    on = dict(GOOD, disable_overlap_schedule=False, disable_cuda_graph=False,
+              disable_radix_cache=False)
     assert refusal(SimpleNamespace(**on), STREAMING) is None
 
 
@@ -66,8 +69,8 @@ def test_serve_refuses_before_sglang_starts_with_the_same_reason():
     assert "--disable-cuda-graph" not in out and "--disable-overlap-schedule" not in out
     with pytest.raises(StartupError, match="--tp-size 2"):
         with_eviction_settings(cfg, argv + ["--tp-size", "2"])
-    with pytest.raises(StartupError, match="radix cache"):
-        with_eviction_settings(cfg, ["--attention-backend", "sglang_evict"])
+    with pytest.raises(StartupError, match="--enable-hierarchical-cache"):
+        with_eviction_settings(cfg, argv[:2] + ["--enable-hierarchical-cache"])
 
 
 def _model(**hf):

@@ -61,8 +61,8 @@ def test_eviction_brings_its_backend_and_scheduler_settings(default_model_path, 
 def test_eviction_refuses_conflicting_settings(default_model_path, monkeypatch):
     import pytest
 
-    with pytest.raises(serve.StartupError, match="cannot run with the radix cache yet"):
-        _evict_argv(default_model_path, monkeypatch)
+    with pytest.raises(serve.StartupError, match="--enable-hierarchical-cache is not supported"):
+        _evict_argv(default_model_path, monkeypatch, "--enable-hierarchical-cache")
     with pytest.raises(serve.StartupError, match="--attention-backend sglang_evict, not torch_native"):
         _evict_argv(
             default_model_path, monkeypatch, "--disable-radix-cache",

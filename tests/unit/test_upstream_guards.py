@@ -123,6 +123,7 @@ def test_head_evict_targets():
     from sglang_evict.patches import (
         evict_admission,
         evict_pool,
+        evict_radix,
         evict_refusals,
         evict_requests,
         evict_state,
@@ -132,7 +133,7 @@ def test_head_evict_targets():
 
     # every hook module registered by head_evict, and their targets under one name here
     assert set(head_evict.HOOKS) == {evict_refusals, evict_pool, evict_admission, evict_step,
-                                     evict_requests}
+                                     evict_requests, evict_radix}
     h = SimpleNamespace(**{k: v for m in head_evict.HOOKS for k, v in vars(m).items()
                            if k.isupper()})
     assert evict_state.SGLANG_VERSION == version("sglang")
@@ -155,6 +156,12 @@ def test_head_evict_targets():
     assert _params(h.SAMPLING_VERIFY) == ["self", "vocab_size"]
     assert _params(h.PREPARE_EXTEND) == ["self"]
     assert _params(h.CHECK_ARGS) == ["self"]
+    # the radix tree: checkpoint moves the request's prefix into the tree and its lock there
+    assert _params(h.CHECKPOINT)[:3] == ["self", "req", "up_to"]
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    source = inspect.getsource(UnifiedRadixCache.checkpoint_into_tree)
+    assert "req.kv.cache_protected_len = len(new_indices)" in source
     # prefill admission in physical terms: what the hooks read and how SGLang admits
     assert _params(h.PREFILL_ADDER)[:1] == ["self"]
     assert _params(h.ADD_ONE_REQ) == ["self", "req", "has_chunked_req", "truncation_align_size"]
@@ -179,7 +186,8 @@ def test_head_evict_targets():
     fields = set(ServerArgs.__struct_fields__)
     for name in ("attention_backend", "disable_radix_cache", "page_size", "tp_size", "pp_size",
                  "dp_size", "kv_cache_dtype", "speculative_algorithm",
-                 "disable_overlap_schedule", "disable_cuda_graph"):
+                 "disable_overlap_schedule", "disable_cuda_graph", "enable_session_radix_cache",
+                 "enable_hierarchical_cache", "radix_cache_backend"):
         assert name in fields, name
     from sglang.srt.sampling.sampling_params import SamplingParams
 

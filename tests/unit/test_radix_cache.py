@@ -1,0 +1,206 @@
+"""Eviction with the radix cache, at the cache level (SGLang's tree flows from tests/radix_sim.py):
+compressed prefixes are shared, not copied or recomputed; a request's own eviction never takes
+the tree's head-slots; the global evictor ranks the tree's entries with the requests'; the tree
+frees what it evicts; every step ends with the integrity check (lists against the virtual map,
+owners, shared parts, the tree's counts)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sglang_evict.cache.head_slots import EVICTED
+
+from head_cache_sim import make_cache
+from radix_sim import RadixSim
+
+L, H, D = 2, 2, 4
+HPT = L * H
+
+
+def _sim(capacity_tokens=64, policy="streaming", budget=4, buffer=2, sinks=1, rows=4):
+    cache = make_cache(capacity_tokens, L, H, D, policy=policy, budget=budget, buffer=buffer,
+                       sinks=sinks, rows=rows)
+    return cache, RadixSim(cache, rows=rows)
+
+
+def _live(cache, ids):
+    return cache.pool.slot_map[ids.long()] != EVICTED
+
+
+def test_a_later_turn_reuses_the_compressed_history_without_copying_it():
+    cache, sim = _sim()
+    sim.admit(0, None, 0, 9, log_beta=None)
+    for _ in range(6):
+        sim.step({0: 1}, log_beta=None)
+    assert cache.row_stats(0).evictions > 0
+    history = sim.req_to_token[0, :15].clone()
+    survivors = cache.pool.slot_map[history.long()].clone()
+    sim.finish(0)
+    assert cache.tree_live == int((survivors >= 0).sum())  # the tree keeps what survived
+    free = cache.pool.num_free
+    sim.admit(1, 0, 15, 3, log_beta=None)  # turn 2: the whole history matched, 3 new tokens
+    assert free - cache.pool.num_free == 3 * HPT  # only the new tokens took head-slots
+    assert torch.equal(cache.pool.slot_map[history.long()], survivors)  # same head-slots, holes and all
+    assert cache.row_stats(1).live == int((survivors >= 0).sum()) + 3 * HPT
+    for _ in range(8):  # turn 2 decodes and evicts, but only its own entries
+        sim.step({1: 1}, log_beta=None)
+        assert torch.equal(cache.pool.slot_map[history.long()], survivors)
+    assert cache.row_stats(1).evictions > 0
+    sim.finish(1)
+    for i in range(len(sim.sequences)):
+        sim.evict_sequence(i)
+    assert cache.pool.num_free == cache.capacity and cache.tree_live == 0
+    cache.check_integrity()
+
+
+def test_global_evictor_takes_the_tree_entries_with_the_lowest_utility():
+    cache, sim = _sim(capacity_tokens=24, budget=6, buffer=4)
+    sim.admit(0, None, 0, 10, log_beta=None)
+    for _ in range(4):
+        sim.step({0: 1}, log_beta=None)
+    sim.finish(0)
+    held = cache.tree_live
+    assert held > 0 and cache.pool.num_free < 16 * HPT
+    sim.admit(1, None, 0, 16, log_beta=None)  # does not fit beside the tree: reclaim
+    assert cache.reclaims >= 1 and cache.tree_live < held
+    tree_ids = sim.sequences[0]
+    kept = _live(cache, tree_ids)
+    assert bool(kept[0].all())  # the tree's sink survives
+    assert bool((~kept).any())  # holes: per head, not whole tokens
+    cache.check_integrity(sim.req_to_token)
+
+
+def test_a_request_listing_tree_entries_loses_them_when_the_global_evictor_takes_them():
+    cache, sim = _sim(capacity_tokens=26, budget=6, buffer=4)
+    sim.admit(0, None, 0, 10, log_beta=None)
+    sim.finish(0)
+    sim.admit(1, 0, 10, 2, log_beta=None)  # row 1 lists the tree's 10 tokens as shared
+    assert int(cache.lists.shared_host[1].sum()) == 10 * HPT
+    sim.admit(2, None, 0, 16, log_beta=None)  # short: the global evictor ranks everything
+    assert cache.reclaims >= 1
+    lost = 10 * HPT - int(cache.lists.shared_host[1].sum())
+    assert lost > 0  # shared entries left row 1's lists with the tree's head-slots
+    cache.check_integrity(sim.req_to_token)
+    sim.step({1: 1, 2: 1}, log_beta=None)  # and both keep running
+
+
+def test_policy_none_request_pins_the_tree_entries_it_lists():
+    cache, sim = _sim(capacity_tokens=26, budget=6, buffer=4)
+    sim.admit(0, None, 0, 10, log_beta=None)
+    sim.finish(0)  # sequence 0: matched below by a request that evicts nothing
+    sim.admit(0, None, 0, 8, log_beta=None)
+    sim.finish(0)  # sequence 1: nobody's
+    cache.set_row_evictor(1, None)
+    sim.admit(1, 0, 10, 2, log_beta=None)
+    pinned = cache.pool.slot_map[sim.sequences[0].long()].clone()
+    other = cache.pool.slot_map[sim.sequences[1].long()].clone()
+    sim.admit(2, None, 0, 8, log_beta=None)  # short by 2 tokens' head-slots
+    assert cache.reclaims == 1
+    assert torch.equal(cache.pool.slot_map[sim.sequences[0].long()], pinned)
+    assert not torch.equal(cache.pool.slot_map[sim.sequences[1].long()], other)
+    assert int(cache.lists.shared_host[1].sum()) == 10 * HPT
+
+
+def test_a_shared_entry_is_scored_for_its_youngest_holder():
+    """Retention at a constant log beta: a tree entry's utility is (t - pos) * log beta at the
+    shortest length among its holders. A request 12 tokens long that matched the first 10 tokens
+    of a 30-token cached sequence makes them young; the global evictor takes the cached tail."""
+    cache, sim = _sim(capacity_tokens=44, policy="retention", budget=40, buffer=0)
+    sim.admit(0, None, 0, 30, log_beta=-1.0)
+    sim.finish(0)  # sequence 0, t = 30
+    sim.admit(0, None, 0, 10, log_beta=-1.0)
+    sim.finish(0)  # sequence 1, t = 10
+    sim.admit(1, 0, 10, 2, log_beta=-1.0)  # t = 12, lists sequence 0's first 10 tokens
+    tail = sim.sequences[0][10:].long()
+    sim.admit(2, None, 0, 6, log_beta=-1.0)  # short by 4 tokens' head-slots
+    assert cache.reclaims == 1
+    assert int(cache.lists.shared_host[1].sum()) == 10 * HPT  # the young prefix stays
+    lost = (cache.pool.slot_map[tail] == EVICTED).all(dim=(1, 2))
+    assert lost.tolist() == [True] * 4 + [False] * 16  # the oldest of the cached tail went
+
+
+def test_a_chunk_checkpoint_that_rewrites_the_row_to_the_trees_ids():
+    cache, sim = _sim(capacity_tokens=96)
+    sim.admit(0, None, 0, 8, log_beta=None)
+    sim.finish(0)
+    # row 1 computed the same 8 tokens itself (admitted before row 0 finished), then more
+    sim.admit(1, None, 0, 8, log_beta=None)
+    sim.step({1: 4}, log_beta=None)
+    own = sim.req_to_token[1, :8].clone()
+    sim.checkpoint(1, duplicate_of=0)  # its own duplicates freed, row rewritten to the tree's
+    assert bool((cache.pool.slot_map[own.long()] == EVICTED).all())
+    assert torch.equal(sim.req_to_token[1, :8], sim.sequences[0][:8].int())
+    cache.check_integrity(sim.req_to_token)
+    for _ in range(6):
+        sim.step({1: 1}, log_beta=None)
+    sim.finish(1)
+    for i in range(len(sim.sequences)):
+        sim.evict_sequence(i)
+    assert cache.pool.num_free == cache.capacity
+
+
+def test_abort_keeps_the_tree_and_frees_only_the_request_own():
+    cache, sim = _sim()
+    sim.admit(0, None, 0, 6, log_beta=None)
+    sim.finish(0)
+    tree = cache.tree_live
+    sim.admit(1, 0, 6, 5, log_beta=None)
+    sim.finish(1, into_tree=False)  # client disconnected
+    assert cache.tree_live == tree and cache.pool.num_free == cache.capacity - tree
+    cache.check_integrity()
+
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["admit"] * 4 + ["decode"] * 2 + ["finish"] * 2 +
+                              ["chunk", "abort", "checkpoint", "evict_tree"]),
+              st.integers(0, 3), st.integers(0, 7), st.integers(1, 10)),
+    min_size=10, max_size=50,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS, st.sampled_from(["streaming", "retention", "random"]))
+def test_random_tree_and_request_operations_keep_every_invariant(ops, policy):
+    """Random admits (with and without a match), decode and chunk steps, finishes into the tree,
+    aborts, running checkpoints and tree evictions over a small pool: after every operation the
+    lists equal the virtual map, owners and shared parts are exact, the tree's counts hold, no
+    match returns freed KV; after draining, free == capacity."""
+    cache, sim = _sim(capacity_tokens=20, policy=policy, budget=3, buffer=2)
+    for op, row, a, b in ops:
+        running = [r for r in range(4) if sim.lens[r]]
+        try:
+            if op == "admit" and not sim.lens[row]:
+                live_seqs = [i for i, s in enumerate(sim.sequences) if s.numel()]
+                if live_seqs and a % 2:
+                    seq = live_seqs[a % len(live_seqs)]
+                    prefix = 1 + a % sim.sequences[seq].numel()
+                    ids = sim.sequences[seq][:prefix]
+                    assert bool((cache.tree_t[ids.long()] >= 0).all())  # never freed KV
+                    sim.admit(row, seq, prefix, b, log_beta=None)
+                else:
+                    sim.admit(row, None, 0, b, log_beta=None)
+            elif op == "decode" and running:
+                sim.step({r: 1 for r in running}, log_beta=None)
+            elif op == "chunk" and sim.lens[row]:
+                sim.step({row: b}, log_beta=None)
+            elif op in ("finish", "abort") and sim.lens[row]:
+                sim.finish(row, into_tree=op == "finish")
+            elif op == "checkpoint" and sim.lens[row]:
+                sim.checkpoint(row)
+            elif op == "evict_tree" and sim.sequences:
+                sim.evict_sequence(a % len(sim.sequences))
+        except Exception as e:  # a pool too small for the step: SGLang would retract
+            from sglang_evict.cache.head_slots import HeadSlotPoolFull
+
+            if not isinstance(e, HeadSlotPoolFull):
+                raise
+        cache.check_integrity(sim.req_to_token)
+    for r in range(4):
+        if sim.lens[r]:
+            sim.finish(r)
+    for i in range(len(sim.sequences)):
+        assert sim.sequences[i].numel() == 0 or sim.evict_sequence(i)
+    cache.check_integrity(sim.req_to_token)
+    assert cache.pool.num_free == cache.capacity and cache.tree_live == 0
