@@ -215,6 +215,11 @@ class HeadKVCache:
         self.tree_t = torch.full((num_virtual,), -1, dtype=torch.long, device=self.device)
         self.tree_live = 0
         self.tree_protected = 0
+        # Per head-slot, how many requests list it in their shared part (exact refcount), and
+        # per (row, list) how many shared entries the row alone lists (host): those are the
+        # row's to evict like its private ones, since no other request would lose them.
+        self.holders = torch.zeros(capacity, dtype=torch.int32, device=self.device)
+        self.alone_host = torch.zeros(num_rows, num_layers * num_kv_heads, dtype=torch.long)
 
     @property
     def capacity(self) -> int:
@@ -369,7 +374,7 @@ class HeadKVCache:
         for i in torch.unique(ev_ids[ev_ids >= 0]).tolist():  # one pass per distinct policy
             evictor = self.evictors[i]
             mine = rows[ev_ids == i]
-            live, span = self._private_counts(mine)
+            live, span = self._own_counts(mine)
             due = mine[evictor.triggered(live, span)]
             if due.numel():
                 self._evict_rows(due, evictor)
@@ -380,29 +385,60 @@ class HeadKVCache:
         self.step = None
         self._batch_rows = self._batch_rows_dev = None
 
-    def _private_counts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host int64 [R] each: the private head-slots of `rows` and their longest private
-        list (shared prefix entries are the tree's, not the request's budget)."""
+    def _own_counts(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host int64 [R] each: the entries `rows` may evict themselves (private, and shared
+        ones no other request lists) and their longest such list: what their budget counts."""
         lists = self.lists
         shared = lists.shared_host[rows]
         if not bool(shared.any()):
             return self.stats.live[rows], lists.span[rows]
-        own = lists.lens_host[rows] - shared
+        own = lists.lens_host[rows] - shared + self.alone_host[rows]
         return own.sum(dim=1), own.max(dim=1).values
+
+    def _shared_part(self, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """bool [R, LH, W]: the gathered entries of `rows` in their lists' shared parts."""
+        j = torch.arange(valid.shape[2], device=self.device)
+        return valid & (j < self.lists.shared[rows.to(self.device)][:, :, None])
 
     def _private(self, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """bool [R, LH, W]: the gathered entries of `rows` past their lists' shared parts."""
-        j = torch.arange(valid.shape[2], device=self.device)
-        return valid & (j >= self.lists.shared[rows.to(self.device)][:, :, None])
+        return valid & ~self._shared_part(rows, valid)
+
+    def _own(self, rows: torch.Tensor, entries: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """bool [R, LH, W]: what each row's own evictor may take: its private entries, and the
+        shared ones that no other request lists (taking them leaves a hole in the tree's copy,
+        as the global evictor would)."""
+        alone = self.holders[entries.clamp(min=0)] == 1
+        return valid & (~self._shared_part(rows, valid) | alone)
+
+    def _shared_holders(self, rows: torch.Tensor, delta: int) -> None:
+        """Add `delta` to the refcount of every head-slot in the shared parts of `rows`."""
+        if rows.numel() == 0 or not bool(self.lists.shared_host[rows].any()):
+            return
+        entries, valid = self.lists.gather(rows)
+        slots = entries[self._shared_part(rows, valid)]
+        ones = torch.full_like(slots, delta, dtype=torch.int32)
+        self.holders.index_put_((slots,), ones, accumulate=True)
+
+    def _refresh_alone(self) -> None:
+        """Recount, for every row with a shared part, the shared entries it alone lists (after
+        requests started or stopped sharing a prefix; never per step)."""
+        self.alone_host.zero_()
+        rows = self.lists.shared_host.any(dim=1).nonzero()[:, 0]
+        if rows.numel() == 0:
+            return
+        entries, valid = self.lists.gather(rows)
+        alone = self._shared_part(rows, valid) & (self.holders[entries.clamp(min=0)] == 1)
+        self.alone_host[rows] = alone.sum(dim=2).cpu().long()
 
     def _evict_rows(self, rows: torch.Tensor, evictor: Evictor) -> None:
         entries, valid = self.lists.gather(rows)
         pos = self.pos[entries.clamp(min=0)]
         seq = self.stats.seq_len[rows].to(self.device)
-        # a request's own eviction never takes a shared entry from under the tree
-        private = self._private(rows, valid)
-        keep = evictor.keep_lists(entries, private, pos, seq, self.log_beta, self.k)
-        keep = keep | (valid & ~private)
+        # a request's own eviction never takes an entry another request lists
+        own = self._own(rows, entries, valid)
+        keep = evictor.keep_lists(entries, own, pos, seq, self.log_beta, self.k)
+        keep = keep | (valid & ~own)
         free_before = self.pool.num_free
         dropped = self._drop(rows, entries, valid, keep)
         st = self.stats
@@ -420,10 +456,30 @@ class HeadKVCache:
         drop = valid & ~keep
         lh = torch.arange(entries.shape[1], device=self.device)[None, :, None].expand_as(drop)
         slots = entries[drop]
+        tree = 0
+        if self.tree_live:  # shared entries a row alone listed: holes in the tree's copy
+            held = self._tree_held(slots)
+            tree = self._forget_tree_slots(slots[held])
         self.lists.owner[slots] = NO_OWNER
         self.pool.evict_slots(slots, lh[drop])
         self.lists.compact(rows, keep, entries)
+        if tree:
+            self._refresh_alone()
         return drop.sum(dim=(1, 2)).cpu()
+
+    def _tree_held(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.tree_t[self.pool.slot_vid[slots].long()] >= 0
+
+    def _forget_tree_slots(self, slots: torch.Tensor) -> int:
+        """The tree's counts lose these live head-slots it held (about to be evicted); returns
+        how many."""
+        vid = self.pool.slot_vid[slots].long()
+        prot = self._tree_protected_mask(self.pos[slots], self.tree_t[vid])
+        counts = torch.stack([torch.tensor(slots.numel(), device=self.device), prot.sum()]).cpu()
+        self.tree_live -= int(counts[0])
+        self.tree_protected -= int(counts[1])
+        self.holders[slots] = 0
+        return int(counts[0])
 
     # ------------------------------------------------------------------ cross-request reclaim
     def reclaim(self, deficit: int, req_to_token: torch.Tensor | None = None) -> int:
@@ -515,8 +571,8 @@ class HeadKVCache:
         n = slots.numel()
         if n == 0:
             return 0
+        self._forget_tree_slots(slots)
         self.pool.evict_slots(slots, lh)
-        self.tree_live -= n
         holders = self.lists.shared_host.any(dim=1).nonzero()[:, 0]
         if holders.numel():
             gone = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
@@ -530,6 +586,7 @@ class HeadKVCache:
                 self.lists.compact(r, (valid & ~hit)[touched.to(self.device)], entries[touched.to(self.device)])
                 self.stats.live[r] -= lost[touched]
                 self.stats.evicted[r] += lost[touched]
+        self._refresh_alone()
         return n
 
     def _reclaimable_rows(self) -> torch.Tensor:
@@ -547,7 +604,7 @@ class HeadKVCache:
         pols = [self.evictors[i].config.policy for i in range(len(self.evictors))]
         prot = torch.tensor([p.sinks + p.window + 1 for p in pols], dtype=torch.long)
         protected = torch.minimum(self.stats.seq_len[rows], prot[self.row_evictor[rows]])
-        live = self._private_counts(rows)[0]
+        live = (self.lists.lens_host[rows] - self.lists.shared_host[rows]).sum(dim=1)
         return int((live - protected * self.heads_per_token).clamp(min=0).sum()) + max(tree, 0)
 
     # ------------------------------------------------------------------ radix cache
@@ -568,9 +625,13 @@ class HeadKVCache:
         slots = self.pool.slot_map[ids.clamp(min=0)].view(R, W, LH).long()
         slots = slots.masked_fill(~ok[:, :, None], -1).permute(0, 2, 1)  # [R, LH, W]
         is_shared = (slots >= 0) & (j[None, None, :] < protected.to(dev)[:, None, None])
+        self._shared_holders(rows, -1)
         self.lists.load(rows, slots, is_shared.sum(dim=2))
         mine = (slots >= 0) & ~is_shared
         self.lists.owner[slots[mine]] = rows_d[:, None, None].expand_as(slots)[mine].to(torch.int32)
+        shared = slots[is_shared]
+        self.holders.index_put_((shared,), torch.ones_like(shared, dtype=torch.int32), accumulate=True)
+        self._refresh_alone()
         self.stats.live[rows] = self.lists.lens_host[rows].sum(dim=1)
 
     def tree_insert(self, row: int, req_to_token: torch.Tensor, protected: int, running: bool) -> None:
@@ -612,9 +673,11 @@ class HeadKVCache:
         a request leaving no longer lists the tree's head-slots)."""
         if rows.numel() == 0 or not bool(self.lists.lens_host[rows].any()):
             return
+        self._shared_holders(rows, -1)
         entries, valid = self.lists.gather(rows)
         keep = valid & (self.lists.owner[entries.clamp(min=0)] == rows.to(self.device)[:, None, None])
         self.lists.compact(rows, keep, entries)
+        self._refresh_alone()
         self.stats.live[rows] = self.lists.lens_host[rows].sum(dim=1)
 
     # ------------------------------------------------------------------ SGLang's side
@@ -657,7 +720,9 @@ class HeadKVCache:
 
     def _forget(self, rows: torch.Tensor) -> None:
         """Rows starting a new request hold nothing (SGLang freed their ids before reuse)."""
+        self._shared_holders(rows, -1)
         self.lists.drop(rows)
+        self.alone_host[rows] = 0
         self.stats.live[rows] = 0
 
     def release(self, row: int) -> tuple[RowStats | None, Evictor | None]:
@@ -683,6 +748,8 @@ class HeadKVCache:
         self.lists.reset()
         self.tree_t.fill_(-1)
         self.tree_live = self.tree_protected = 0
+        self.holders.zero_()
+        self.alone_host.zero_()
         self.stats = RowStatsTable(self.stats.active.numel())
         self.row_evictor.fill_(self._evictor_index(self.evictor))
 
@@ -696,6 +763,15 @@ class HeadKVCache:
         self.lists.check_integrity(self.pool.slot_map, self.pos, tree_slots)
         if int(tree_slots.sum()) != self.tree_live:
             raise RuntimeError(f"tree holds {int(tree_slots.sum())} head-slots, counted {self.tree_live}")
+        rows = torch.arange(self.stats.active.numel())
+        entries, valid = self.lists.gather(rows)
+        shared = self._shared_part(rows, valid)
+        count = torch.bincount(entries[shared], minlength=self.capacity).to(self.holders.device)
+        if not torch.equal(count.int(), self.holders):
+            raise RuntimeError("shared refcounts differ from the lists' shared parts")
+        alone = (shared & (self.holders[entries.clamp(min=0)] == 1)).sum(dim=2).cpu().long()
+        if not torch.equal(alone, self.alone_host):
+            raise RuntimeError("host counts of shared entries a row alone lists are stale")
         if self.tree_live:
             s = tree_slots.nonzero()[:, 0]
             prot = self._tree_protected_mask(self.pos[s], self.tree_t[vid[s]])
