@@ -35,6 +35,9 @@ def after_alloc_clear(result, allocator, *args, **kwargs):
     state = _state.cache
     if state is not None:
         state.reset()
+        from sglang_evict.patches.evict_step import publish_metrics
+
+        publish_metrics()
     return result
 
 

@@ -33,7 +33,36 @@ def after_forward(result, runner, *args, **kwargs):
     if forward_batch.forward_mode.is_idle() or state.new_slots is None:
         return result
     state.after_forward(forward_batch, runner.req_to_token_pool.req_to_token)
+    publish_metrics()
     return result
+
+
+def publish_metrics() -> None:
+    """Update the Prometheus metrics (after a step, and after SGLang flushed its cache)."""
+    state, runner = _state.cache, _state.runner
+    if state is None or runner is None:
+        return
+    metrics = _metrics(runner, state)
+    if metrics is not None:
+        metrics.update(state)
+
+
+_metrics_of: dict = {}
+
+
+def _metrics(runner, state):
+    """The Prometheus metrics of this scheduler process (`--enable-metrics`), or None."""
+    key = id(runner)
+    if key not in _metrics_of:
+        m = None
+        if getattr(runner.server_args, "enable_metrics", False):
+            from sglang_evict.metrics import EvictMetrics
+
+            labels = {"model_name": str(runner.server_args.served_model_name),
+                      "tp_rank": str(getattr(runner, "tp_rank", 0))}
+            m = EvictMetrics(state, labels)
+        _metrics_of[key] = m
+    return _metrics_of[key]
 
 
 def release_stats(req, row: int) -> dict | None:

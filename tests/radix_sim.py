@@ -55,15 +55,17 @@ class RadixSim(CacheSim):
         already held these tokens as that sequence: SGLang frees the request's own ids and
         rewrites its row to the tree's."""
         n = self.lens[row]
+        own = self.req_to_token[row, :0]
         if duplicate_of is not None:
             tree_ids = self.sequences[duplicate_of]
             k = min(n, len(tree_ids))
             own = self.req_to_token[row, :k].clone()
-            self.cache.free(own)
-            self.free_ids += own.tolist()
             self.req_to_token[row, :k] = tree_ids[:k].int()
         ids = self.req_to_token[row, :n].clone()
         self.cache.tree_insert(row, self.req_to_token, n, running=True)
+        # SGLang frees the request's duplicates inside its free group: after the checkpoint
+        self.cache.free(own)
+        self.free_ids += own.tolist()
         self._insert(ids)
         self.matched[row] = len(self.sequences) - 1
         self.protected[row] = n

@@ -209,6 +209,9 @@ class HeadKVCache:
         self._select_keep = select_keep if use_triton else None
         self.steps = 0
         self.reclaims = 0
+        # host totals for the metrics: head-slots evicted, taken by the global evictor, and
+        # prompt tokens that matched the radix cache
+        self.evicted_total = self.reclaimed_total = self.prefix_hit_tokens = 0
         # Radix cache: per virtual id, the length t of the sequence the tree took it from (its
         # entries' age for the global evictor), -1 while the tree does not hold it; host counts
         # of the live head-slots the tree holds and of those among them that are protected.
@@ -350,6 +353,7 @@ class HeadKVCache:
                     if req_to_token is None:
                         raise RuntimeError("a cached prefix needs req_to_token to load its lists")
                     self.load_rows(rows[hit], req_to_token, prefix[hit], prefix[hit])
+                    self.prefix_hit_tokens += int(prefix[hit].sum())
         self.lists.append(rows, counts, self.new_slots.view(-1, self.heads_per_token))
         st = self.stats
         st.active[rows] = True
@@ -446,6 +450,7 @@ class HeadKVCache:
         r = rows[hit]
         st.live[rows] -= dropped
         st.evicted[r] += dropped[hit]
+        self.evicted_total += int(dropped.sum())
         st.evictions[r] += 1
         st.free_before_last_evict[r] = free_before
         st.free_after_last_evict[r] = self.pool.num_free
@@ -527,6 +532,8 @@ class HeadKVCache:
         gone = ~keep[n_rows:]
         freed = int(dropped.sum()) + self._drop_shared(tree_slots[gone], tree_lh[gone])
         self.reclaims += 1
+        self.reclaimed_total += freed
+        self.evicted_total += freed
         logger.info("sglang-evict: reclaimed %d head-slots across %d requests and the tree",
                     freed, R)
         return freed
@@ -607,6 +614,16 @@ class HeadKVCache:
         live = (self.lists.lens_host[rows] - self.lists.shared_host[rows]).sum(dim=1)
         return int((live - protected * self.heads_per_token).clamp(min=0).sum()) + max(tree, 0)
 
+    def totals(self) -> tuple[int, int, int]:
+        """(head-slots evicted, taken by the global evictor, prompt tokens matched in the radix
+        cache), since start-up."""
+        return self.evicted_total, self.reclaimed_total, self.prefix_hit_tokens
+
+    def live_per_layer(self) -> torch.Tensor:
+        """Host int64 [L]: head-slots the running requests list, per layer."""
+        lens = self.lists.lens_host[self.stats.active]
+        return lens.view(-1, self.num_layers, self.num_kv_heads).sum(dim=(0, 2))
+
     # ------------------------------------------------------------------ radix cache
     def load_rows(self, rows: torch.Tensor, req_to_token: torch.Tensor, lens: torch.Tensor,
                   protected: torch.Tensor) -> None:
@@ -626,6 +643,11 @@ class HeadKVCache:
         slots = slots.masked_fill(~ok[:, :, None], -1).permute(0, 2, 1)  # [R, LH, W]
         is_shared = (slots >= 0) & (j[None, None, :] < protected.to(dev)[:, None, None])
         self._shared_holders(rows, -1)
+        # What the rows owned and no longer reference (duplicates of the tree's tokens, which
+        # SGLang frees right after, maybe deferred to the end of its free group) leaves them now.
+        old, valid = self.lists.gather(rows)
+        owned = valid & (self.lists.owner[old.clamp(min=0)] == rows_d[:, None, None])
+        self.lists.owner[old[owned]] = NO_OWNER
         self.lists.load(rows, slots, is_shared.sum(dim=2))
         mine = (slots >= 0) & ~is_shared
         self.lists.owner[slots[mine]] = rows_d[:, None, None].expand_as(slots)[mine].to(torch.int32)

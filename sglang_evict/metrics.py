@@ -1,0 +1,64 @@
+"""Prometheus metrics of head-granular eviction, on SGLang's own endpoint (`--enable-metrics`).
+
+Created in the scheduler process (SGLang has set PROMETHEUS_MULTIPROC_DIR before spawning it,
+so /metrics aggregates them with SGLang's own) and updated after every forward step from host
+counters only: no device read.
+
+    sglang_evict:head_slots_capacity / _free / _live / _tree     gauges (head-slots)
+    sglang_evict:layer_live_share{layer}                        gauge: a layer's share of the
+                                                                 live head-slots in use
+    sglang_evict:evicted_head_slots_total                       counter (requests' own
+                                                                 evictions and reclaim)
+    sglang_evict:reclaimed_head_slots_total                     counter (global evictor)
+    sglang_evict:prefix_hit_tokens_total                        counter: tokens matched in
+                                                                 the radix cache with eviction
+"""
+
+from __future__ import annotations
+
+PREFIX = "sglang_evict:"
+
+
+class EvictMetrics:
+    def __init__(self, cache, labels: dict[str, str]):
+        from prometheus_client import Counter, Gauge  # lazily: after SGLang set its directory
+
+        names = list(labels)
+        self.labels = labels
+
+        def gauge(name, doc, extra=()):
+            return Gauge(PREFIX + name, doc, labelnames=names + list(extra),
+                         multiprocess_mode="mostrecent")
+
+        self.capacity = gauge("head_slots_capacity", "Head-slots in the pool.")
+        self.free = gauge("head_slots_free", "Free head-slots.")
+        self.live = gauge("head_slots_live", "Head-slots holding KV.")
+        self.tree = gauge("head_slots_tree", "Head-slots the radix cache holds.")
+        self.layer_share = gauge("layer_live_share",
+                                 "A layer's share of the head-slots running requests list.",
+                                 ("layer",))
+        self.evicted = Counter(PREFIX + "evicted_head_slots", "Head-slots evicted.",
+                               labelnames=names)
+        self.reclaimed = Counter(PREFIX + "reclaimed_head_slots",
+                                 "Head-slots the global evictor took.", labelnames=names)
+        self.prefix_hits = Counter(PREFIX + "prefix_hit_tokens",
+                                   "Prompt tokens matched in the radix cache.", labelnames=names)
+        self._seen = (0, 0, 0)
+        self.capacity.labels(**labels).set(cache.capacity)
+
+    def update(self, cache) -> None:
+        lab = self.labels
+        free = cache.pool.num_free
+        self.free.labels(**lab).set(free)
+        self.live.labels(**lab).set(cache.capacity - free)
+        self.tree.labels(**lab).set(cache.tree_live)
+        totals = cache.totals()
+        for counter, now, before in zip((self.evicted, self.reclaimed, self.prefix_hits), totals,
+                                        self._seen):
+            if now > before:
+                counter.labels(**lab).inc(now - before)
+        self._seen = totals
+        per_layer = cache.live_per_layer()
+        total = float(per_layer.sum())
+        for layer, n in enumerate(per_layer.tolist()):
+            self.layer_share.labels(**lab, layer=str(layer)).set(n / total if total else 0.0)
