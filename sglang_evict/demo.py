@@ -4,11 +4,12 @@ Three kinds of traffic an SGLang user sends: an OpenAI chat completion, a multi-
 whose history hits the radix (prefix) cache, and an `sgl.function` program through SGLang's
 frontend language. Each answer is printed with its prompt and cached token counts.
 
-Then eviction at work: a second server whose KV pool holds EVICT_POOL tokens at full size
-serves one greedy generation of twice that, with the retention policy (the packaged gates on
-the default model) at M = EVICT_BUDGET; the request's own eviction statistics say how much KV
-it held against the full cache. (The radix cache is off there: eviction with prefix sharing is
-the next step.)
+Then eviction at work, with the radix cache on: a second server whose KV pool holds EVICT_POOL
+tokens at full size serves one greedy generation of twice that, with the retention policy (the
+packaged gates on the default model) at M = EVICT_BUDGET, then follow-up turns that resend the
+whole conversation (longer than the pool): the radix cache serves them from the compressed
+history the earlier turns left. Each turn prints its cached tokens and the KV it held against
+the full cache.
 """
 
 from __future__ import annotations
@@ -81,14 +82,16 @@ STORY = ("<|im_start|>user\nWrite a long story about a lighthouse keeper and the
          "guides.<|im_end|>\n<|im_start|>assistant\n")
 
 
-def eviction_run(url: str, new_tokens: int = EVICT_NEW_TOKENS) -> dict:
-    """One greedy generation of `new_tokens` tokens; its eviction statistics."""
+FOLLOW_UPS = ("Give the lighthouse keeper a name.", "Summarise the story in one sentence.")
+
+
+def _turn(url: str, input_ids: list[int], new_tokens: int, ignore_eos: bool) -> dict:
     import requests
 
     r = requests.post(url + "/generate", json={
-        "text": STORY,
+        "input_ids": input_ids,
         "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
-                            "ignore_eos": True},
+                            "ignore_eos": ignore_eos},
     }, timeout=3600)
     r.raise_for_status()
     body = r.json()
@@ -96,13 +99,47 @@ def eviction_run(url: str, new_tokens: int = EVICT_NEW_TOKENS) -> dict:
     stats = meta["sglang_evict"][0]
     return {
         "text": body["text"],
+        "output_ids": body["output_ids"],
         "completion_tokens": meta["completion_tokens"],
         "prompt_tokens": meta["prompt_tokens"],
+        "cached_tokens": meta.get("cached_tokens", 0),
         "live": stats["live_head_slots"],
         "peak_live": stats["peak_live_head_slots"],
         "full": stats["full_head_slots"],
         "evictions": stats["evictions"],
     }
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from sglang_evict import default_model
+
+    return AutoTokenizer.from_pretrained(default_model.resolve())
+
+
+def eviction_run(url: str, new_tokens: int = EVICT_NEW_TOKENS) -> dict:
+    """One greedy generation of `new_tokens` tokens; its eviction statistics and the
+    conversation so far as token ids (`history`)."""
+    ids = _tokenizer()(STORY, add_special_tokens=False)["input_ids"]
+    run = _turn(url, ids, new_tokens, ignore_eos=True)
+    run["history"] = ids + run["output_ids"]
+    return run
+
+
+def follow_up_runs(url: str, history: list[int], questions=FOLLOW_UPS,
+                   new_tokens: int = 48) -> list[dict]:
+    """Turns that resend the whole conversation with one more question each."""
+    tok = _tokenizer()
+    runs = []
+    for q in questions:
+        history = history + tok(f"<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+                                "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        run = _turn(url, history, new_tokens, ignore_eos=False)
+        run["question"] = q
+        runs.append(run)
+        history = history + run["output_ids"]
+    return runs
 
 
 def _start(server_args: list[str]) -> ServerProcess:
@@ -142,21 +179,31 @@ def main(argv: list[str]) -> int:
 def eviction_demo(argv: list[str]) -> int:
     server = _start([
         "--evict-policy", "retention", "--evict-budget", str(EVICT_BUDGET),
-        "--disable-radix-cache", "--max-total-tokens", str(EVICT_POOL), *argv,
+        "--max-total-tokens", str(EVICT_POOL), "--enable-cache-report", *argv,
     ])
     try:
-        print(f"== eviction: {EVICT_NEW_TOKENS} new tokens in a KV pool of {EVICT_POOL} tokens "
-              f"(retention, M = {EVICT_BUDGET}) ==")
+        print(f"== eviction with the radix cache: {EVICT_NEW_TOKENS} new tokens in a KV pool of "
+              f"{EVICT_POOL} tokens (retention, M = {EVICT_BUDGET}), then follow-up turns ==")
         run = eviction_run(server.url)
         print(f"generated: {run['completion_tokens']} tokens after a {run['prompt_tokens']}-token "
               f"prompt: {run['text'][:160].strip()!r} ...")
-        print(f"           KV held at the end: {run['live']} head-slots of {run['full']} "
-              f"({100 * run['live'] / run['full']:.1f}% of the full cache), at most "
-              f"{run['peak_live']}; {run['evictions']} evictions")
+        _held(run)
+        for turn in follow_up_runs(server.url, run["history"]):
+            print(f"user:      {turn['question']}")
+            print(f"assistant: {turn['text'].strip()[:160]!r}")
+            print(f"           prompt tokens {turn['prompt_tokens']}, cached {turn['cached_tokens']} "
+                  "(served from the compressed history)")
+            _held(turn)
         return 0
     finally:
         server.stop()
         print("\nserver stopped", flush=True)
+
+
+def _held(run: dict) -> None:
+    print(f"           KV held at the end: {run['live']} head-slots of {run['full']} "
+          f"({100 * run['live'] / run['full']:.1f}% of the full cache), at most "
+          f"{run['peak_live']}; {run['evictions']} evictions")
 
 
 def serving_demo(argv: list[str]) -> int:
