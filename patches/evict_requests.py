@@ -3,6 +3,9 @@ eviction settings for one request.
 
 - SamplingParams.verify (AFTER): a malformed override is refused in the tokenizer manager with
   the request (HTTP 400 naming the field), before any scheduling.
+- TokenizerManager._validate_one_request (BEFORE): a prompt token id outside the vocabulary is
+  refused the same way (SGLang 0.5.23 would pass it to the embedding, whose IndexError kills
+  the scheduler and every request with it).
 - ScheduleBatch.prepare_for_extend (AFTER): each request's evictor is set on its row.
 """
 
@@ -13,6 +16,7 @@ from sglang_evict.patches.evict_state import _state, config
 
 SAMPLING_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
 PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
+VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 
 REQUEST_KEY = "sglang_evict"  # sampling_params.custom_params[REQUEST_KEY]
 REQUEST_FIELDS = ("policy", "budget", "buffer", "sinks", "window", "min_per_head")
@@ -89,6 +93,17 @@ def after_prepare_for_extend(result, batch, *args, **kwargs):
     return result
 
 
+def before_validate_request(manager, obj, input_ids, *args, **kwargs):
+    if input_ids:
+        vocab = manager.model_config.vocab_size
+        lo, hi = min(input_ids), max(input_ids)
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+    return None
+
+
 def register(registry, hook_type) -> None:
+    registry.register(VALIDATE_REQUEST, before_validate_request, hook_type.BEFORE)
     registry.register(SAMPLING_VERIFY, after_sampling_verify, hook_type.AFTER)
     registry.register(PREPARE_EXTEND, after_prepare_for_extend, hook_type.AFTER)

@@ -154,6 +154,7 @@ def test_head_evict_targets():
         "self", "num_tokens", "tree_cache", "requests", "spec_algorithm",
     ]
     assert _params(h.SAMPLING_VERIFY) == ["self", "vocab_size"]
+    assert _params(h.VALIDATE_REQUEST) == ["self", "obj", "input_ids"]
     assert _params(h.PREPARE_EXTEND) == ["self"]
     assert _params(h.CHECK_ARGS) == ["self"]
     # the radix tree: checkpoint moves the request's prefix into the tree and its lock there
