@@ -22,8 +22,14 @@ One forward step:
 
 Requests are tracked by their req_to_token row. The row's statistics are handed over when SGLang
 releases the row (`release`); head-slots return to the free list when SGLang frees the virtual ids
-(`free`), so every path that frees KV in SGLang (finish, abort, retraction, flush) frees
-head-slots too. The host keeps exact mirrors of what it decides (live counts, list spans), so a
+(`free`), so every path that frees KV in SGLang (finish, abort, retraction, flush, the radix
+tree's node eviction) frees head-slots too.
+
+Radix cache: when the tree takes a request's tokens (`tree_insert`), their surviving head-slots
+become shared (`tree_t` per virtual id; refcounts `holders` of the running requests that list
+them); a request that matched a prefix loads it once (`load_rows`). A request's own evictor takes
+its private entries and the shared ones it alone lists; the global evictor (`reclaim`) ranks the
+tree's entries with the requests'. The host keeps exact mirrors of what it decides (live counts, list spans), so a
 step reads nothing back from the device except when an eviction compacts lists.
 """
 

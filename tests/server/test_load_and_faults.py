@@ -16,7 +16,7 @@ import pytest
 import requests
 
 CLIENTS = 32
-SECONDS = 75
+SECONDS = 150
 POOL = 256
 
 
