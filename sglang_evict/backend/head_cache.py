@@ -29,8 +29,10 @@ Radix cache: when the tree takes a request's tokens (`tree_insert`), their survi
 become shared (`tree_t` per virtual id; refcounts `holders` of the running requests that list
 them); a request that matched a prefix loads it once (`load_rows`). A request's own evictor takes
 its private entries and the shared ones it alone lists; the global evictor (`reclaim`) ranks the
-tree's entries with the requests'. The host keeps exact mirrors of what it decides (live counts, list spans), so a
-step reads nothing back from the device except when an eviction compacts lists.
+tree's entries with the requests'.
+
+The host keeps exact mirrors of what it decides (live counts, list lengths and spans), so a step
+reads nothing back from the device except when an eviction compacts lists.
 """
 
 from __future__ import annotations
@@ -481,16 +483,22 @@ class HeadKVCache:
     def _tree_held(self, slots: torch.Tensor) -> torch.Tensor:
         return self.tree_t[self.pool.slot_vid[slots].long()] >= 0
 
+    def _count_tree_slots(self, slots: torch.Tensor, sign: int) -> int:
+        """Add (sign 1) or remove (sign -1) live head-slots the tree holds (tree_t set) to or
+        from the tree's host counts; returns how many."""
+        n = slots.numel()
+        if n:
+            vid = self.pool.slot_vid[slots].long()
+            prot = int(self._tree_protected_mask(self.pos[slots], self.tree_t[vid]).sum())
+            self.tree_live += sign * n
+            self.tree_protected += sign * prot
+        return n
+
     def _forget_tree_slots(self, slots: torch.Tensor) -> int:
-        """The tree's counts lose these live head-slots it held (about to be evicted); returns
-        how many."""
-        vid = self.pool.slot_vid[slots].long()
-        prot = self._tree_protected_mask(self.pos[slots], self.tree_t[vid])
-        counts = torch.stack([torch.tensor(slots.numel(), device=self.device), prot.sum()]).cpu()
-        self.tree_live -= int(counts[0])
-        self.tree_protected -= int(counts[1])
+        """The tree loses these live head-slots it held (about to be evicted); returns how
+        many."""
         self.holders[slots] = 0
-        return int(counts[0])
+        return self._count_tree_slots(slots, -1)
 
     # ------------------------------------------------------------------ cross-request reclaim
     def reclaim(self, deficit: int, req_to_token: torch.Tensor | None = None) -> int:
@@ -562,13 +570,13 @@ class HeadKVCache:
                            device=dev)
         t_min[slots] = self.tree_t[vids][:, None].expand_as(sm)[held]
         pinned = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
-        holders = (self.stats.active & self.lists.shared_host.any(dim=1)).nonzero()[:, 0]
-        if holders.numel():
-            entries, valid = self.lists.gather(holders)
-            shared = valid & ~self._private(holders, valid)
-            seq = self.stats.seq_len[holders].to(dev)[:, None, None].expand_as(entries)
+        listing = (self.stats.active & self.lists.shared_host.any(dim=1)).nonzero()[:, 0]
+        if listing.numel():
+            entries, valid = self.lists.gather(listing)
+            shared = self._shared_part(listing, valid)
+            seq = self.stats.seq_len[listing].to(dev)[:, None, None].expand_as(entries)
             t_min.scatter_reduce_(0, entries[shared], seq[shared], reduce="amin")
-            never = (self.row_evictor[holders] < 0).to(dev)[:, None, None].expand_as(entries)
+            never = (self.row_evictor[listing] < 0).to(dev)[:, None, None].expand_as(entries)
             pinned[entries[shared & never]] = True
         t = t_min[slots]
         n = slots.numel()
@@ -586,17 +594,18 @@ class HeadKVCache:
             return 0
         self._forget_tree_slots(slots)
         self.pool.evict_slots(slots, lh)
-        holders = self.lists.shared_host.any(dim=1).nonzero()[:, 0]
-        if holders.numel():
+        listing = self.lists.shared_host.any(dim=1).nonzero()[:, 0]
+        if listing.numel():
             gone = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
             gone[slots] = True
-            entries, valid = self.lists.gather(holders)
+            entries, valid = self.lists.gather(listing)
             hit = valid & gone[entries.clamp(min=0)]
             lost = hit.sum(dim=(1, 2)).cpu()
             touched = lost > 0
             if bool(touched.any()):
-                r = holders[touched]
-                self.lists.compact(r, (valid & ~hit)[touched.to(self.device)], entries[touched.to(self.device)])
+                r = listing[touched]
+                t = touched.to(self.device)
+                self.lists.compact(r, (valid & ~hit)[t], entries[t])
                 self.stats.live[r] -= lost[touched]
                 self.stats.evicted[r] += lost[touched]
         self._refresh_alone()
@@ -675,13 +684,9 @@ class HeadKVCache:
             t = int(self.stats.seq_len[row])
             self.tree_t[new] = t
             sm = self.pool.slot_map[new].long()  # [k, L, H]
-            held = sm >= 0
-            self.lists.owner[sm[held]] = NO_OWNER
-            pos = self.pos[sm.clamp(min=0)]
-            prot = self._tree_protected_mask(pos, torch.full_like(pos, t)) & held
-            counts = torch.stack([held.sum(), prot.sum()]).cpu()
-            self.tree_live += int(counts[0])
-            self.tree_protected += int(counts[1])
+            held = sm[sm >= 0]
+            self.lists.owner[held] = NO_OWNER
+            self._count_tree_slots(held, 1)
         rows = torch.tensor([row])
         if running:
             self.load_rows(rows, req_to_token, self.stats.seq_len[rows].clamp(min=protected),
@@ -722,13 +727,7 @@ class HeadKVCache:
             self.tree_t[ids] = -1
             return 0
         if self.tree_live:
-            t = self.tree_t[ids]
-            held = (t >= 0)[:, None, None].expand_as(sm) & live
-            pos = self.pos[sm.long().clamp(min=0)]
-            prot = self._tree_protected_mask(pos, t[:, None, None].expand_as(pos)) & held
-            counts = torch.stack([held.sum(), prot.sum()]).cpu()
-            self.tree_live -= int(counts[0])
-            self.tree_protected -= int(counts[1])
+            self._count_tree_slots(slots[self._tree_held(slots)], -1)
         self.tree_t[ids] = -1
         owners = self.lists.owner[slots]
         rows, per_row = torch.unique(owners[owners >= 0], return_counts=True)
@@ -790,7 +789,8 @@ class HeadKVCache:
         tree_slots = (vid >= 0) & (self.tree_t[vid.clamp(min=0)] >= 0)
         self.lists.check_integrity(self.pool.slot_map, self.pos, tree_slots)
         if int(tree_slots.sum()) != self.tree_live:
-            raise RuntimeError(f"tree holds {int(tree_slots.sum())} head-slots, counted {self.tree_live}")
+            raise RuntimeError(
+                f"tree holds {int(tree_slots.sum())} head-slots, counted {self.tree_live}")
         rows = torch.arange(self.stats.active.numel())
         entries, valid = self.lists.gather(rows)
         shared = self._shared_part(rows, valid)
