@@ -20,10 +20,13 @@ import json
 import random
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import requests
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ is not on it
+from server_plot import plot_servers  # noqa: E402
 
 
 def session(url: str, seed: int, turns: int, user_tokens: int, new_tokens: int) -> list[dict]:
@@ -88,6 +91,15 @@ def run_server(name: str, sargs: list[str], args) -> dict:
     return result
 
 
+def plot(results: dict, out: Path) -> None:
+    plot_servers(results["servers"], {
+        "requests_per_s": "requests/s", "output_tokens_per_s": "output tokens/s",
+        "latency_p99_s": "p99 latency (s)", "prefix_hit_rate": "prefix hit rate",
+        "max_running": "most running"},
+        f"{results['sessions']} sessions x {results['turns']} turns, pool "
+        f"{results['pool_tokens']} tokens", out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sessions", type=int, default=8)
@@ -119,6 +131,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
     print(f"{names[1]} / vanilla requests/s: {results['ratio_requests_per_s']:.2f}")
     return 0
 

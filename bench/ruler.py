@@ -160,7 +160,7 @@ def run(args) -> dict:
                           json={"text": sample["input"], "sampling_params": params}, timeout=3600)
         r.raise_for_status()
         body = r.json()
-        meta = body["meta_info"]["sglang_evict"][0]
+        meta = body["meta_info"]["sglang_evict"]
         return {
             "task": sample["task"], "length": sample["length"], "index": sample["index"],
             "policy": policy, "budget": budget, "prediction": body["text"],

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from sglang_evict.patches import gate_attach
 from sglang_evict.patches.evict_state import _state
 
 FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
@@ -44,7 +45,9 @@ def publish_metrics() -> None:
         return
     metrics = _metrics(runner, state)
     if metrics is not None:
-        metrics.update(state)
+        gates = gate_attach.attachment()
+        gated = gates.gated_prompt_token_layers / gates.num_layers if gates is not None else 0.0
+        metrics.update(state, gated)
 
 
 _metrics_of: dict = {}

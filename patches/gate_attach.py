@@ -14,6 +14,9 @@ Targets sglang 0.5.23 (each target is checked by tests/unit/test_upstream_guards
   K, V, log β and positions in one pass with the store kernel.
 - release_kv_cache (BEFORE) and Scheduler.get_output_streamer_class (AROUND): per-request
   statistics read from the score store, returned in the response's meta_info["sglang_evict"].
+- TokenizerManager.update_request_meta_info (AROUND): that entry is one object. SGLang's
+  customized info is a list accumulated over a request's outputs (and sliced per streamed
+  chunk); ours is sent once, when the request finishes, so it is set, not accumulated.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ CELL_SIZE = (
 STORE_KV = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._store_kv_layer"
 RELEASE_KV = "sglang.srt.mem_cache.common.release_kv_cache"
 STREAMER_CLASS = "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class"
+UPDATE_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
 META_KEY = "sglang_evict"
 MAX_PENDING_STATS = 4096
 
@@ -62,6 +66,9 @@ class GateAttachment:
         self.store: ScoreStore | None = None
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.unfused_writes = 0
+        # Token-layers of extend forwards whose gates ran (the shape, a host int): what a
+        # prefix hit saves is visible as gates not run.
+        self.gated_prompt_token_layers = 0
         self._store_fn = None
 
     def store_fn(self, device: torch.device):
@@ -136,6 +143,8 @@ def _make_hooks(state: GateAttachment, layer_id: int):
             return None
         with torch.no_grad():
             log_beta = state.gates.forward_layer(layer_id, hidden)
+        if _bound(args, kwargs, "forward_batch").forward_mode.is_extend():
+            state.gated_prompt_token_layers += hidden.shape[0]
         state.pending[layer_id] = (log_beta, positions)
         return None
 
@@ -323,6 +332,18 @@ def around_output_streamer_class(original, scheduler, *args, **kwargs):
     return EvictOutputStreamer
 
 
+def around_update_request_meta_info(original, manager, meta_info, state, customized_info, index,
+                                    *args, **kwargs):
+    if META_KEY not in customized_info:
+        return original(manager, meta_info, state, customized_info, index, *args, **kwargs)
+    rest = {k: v for k, v in customized_info.items() if k != META_KEY}
+    result = original(manager, meta_info, state, rest, index, *args, **kwargs)
+    entries = customized_info[META_KEY][index]
+    if entries:
+        meta_info[META_KEY] = entries[-1]
+    return result
+
+
 def register(registry, hook_type) -> None:
     """Hooks that only matter with gates configured; registered only then, so vanilla serving
     keeps SGLang's hot paths unwrapped."""
@@ -335,3 +356,4 @@ def register(registry, hook_type) -> None:
         registry.register(STORE_KV, around_store_kv_layer, hook_type.AROUND)
     registry.register(RELEASE_KV, before_release_kv_cache, hook_type.BEFORE)
     registry.register(STREAMER_CLASS, around_output_streamer_class, hook_type.AROUND)
+    registry.register(UPDATE_META, around_update_request_meta_info, hook_type.AROUND)

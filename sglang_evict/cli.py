@@ -3,8 +3,10 @@
     sglang-evict model [--force]     materialise the default model, print its folder
     sglang-evict serve [SGLANG ARGS] SGLang's server with this plugin (see serve.py)
     sglang-evict demo  [SGLANG ARGS] start a server on loopback, send real requests, stop it
+    sglang-evict plan  --gpu-memory 80GiB|--kv-tokens N --context C --budget M [--model DIR]
+                                     concurrent requests that fit, with and without eviction
     sglang-evict train --config FILE.json|toml [--FIELD VALUE ...] [--resume] [--export-only]
-                                     train retention gates on a frozen model (see train.py)
+                                     train retention gates on a frozen model (see training/)
 
 Heavy imports (torch, sglang) happen inside the subcommands so `--help` and the start-up
 checks answer at once.
@@ -50,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         from sglang_evict import demo
 
         return demo.main(rest)
+    if command == "plan":
+        from sglang_evict import plan
+
+        return plan.main(rest)
     if command == "train":
-        from sglang_evict import train
+        from sglang_evict import training as train
 
         return train.main(rest)
     print(f"sglang-evict: error: unknown command {command!r}\nusage:\n{USAGE}", file=sys.stderr)

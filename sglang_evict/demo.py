@@ -96,7 +96,7 @@ def _turn(url: str, input_ids: list[int], new_tokens: int, ignore_eos: bool) -> 
     r.raise_for_status()
     body = r.json()
     meta = body["meta_info"]
-    stats = meta["sglang_evict"][0]
+    stats = meta["sglang_evict"]
     return {
         "text": body["text"],
         "output_ids": body["output_ids"],

@@ -23,6 +23,12 @@ cast back to q's dtype. α is formed as exp(age · log β) — an exp of a produ
 the causal mask is applied to the age *before* the product, so masked entries (negative age) can
 never overflow.
 
+Hard eviction (`evicted_at`, optional, int64 [B, T, Hkv]): key i of head h is gone for every
+query t >= evicted_at[b, i, h] (the step at which the serving evictor dropped it; T or more for
+a key never dropped). The forward then is attention over the keys still live, as served, and
+the backward is the soft one's (straight-through: o = o_soft + (o_hard - o_soft).detach()), so
+the gates also learn from the keys that were evicted.
+
 `expected_live_count` gives Σ_{i<=t} α_{t,i} = Σ_{i<=t} β_i^(t-i), the expected number of live
 cache entries per KV head after step t; `capacity_loss` is the hinge penalty on its excess over
 the budget M used in the training loss.
@@ -140,8 +146,10 @@ def _attention_block(
     t0: int,
     scale: float,
     compute_dtype: torch.dtype,
+    evicted_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query block. q_blk [B, Hq, C, D], k/v_keys [B, Hkv, t1, *], lb_keys [B, Hkv, t1]."""
+    """One query block. q_blk [B, Hq, C, D], k/v_keys [B, Hkv, t1, *], lb_keys [B, Hkv, t1],
+    evicted_keys None or int64 [B, Hkv, t1] (hard eviction, straight-through)."""
     B, Hq, C, D = q_blk.shape
     Hkv, t1 = k_keys.shape[1], k_keys.shape[2]
     g = Hq // Hkv
@@ -152,9 +160,15 @@ def _attention_block(
     alpha = torch.exp(log_alpha)  # [B, Hkv, C, t1]
     scores = torch.einsum("bhgcd,bhtd->bhgct", qf, kf)  # [B, Hkv, g, C, t1]
     logits = alpha[:, :, None] * scores * scale
-    logits = logits.masked_fill(~causal, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bhgct,bhtd->bhgcd", probs, vf)
+    soft = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    out = torch.einsum("bhgct,bhtd->bhgcd", soft, vf)
+    if evicted_keys is not None:  # the value of the hard forward, the gradient of the soft one
+        with torch.no_grad():
+            rows = torch.arange(t0, t0 + C, device=q_blk.device)
+            live = causal[None, None] & (rows[None, None, :, None] < evicted_keys[:, :, None, :])
+            hard = torch.softmax(logits.masked_fill(~live[:, :, None], float("-inf")), dim=-1)
+            out_hard = torch.einsum("bhgct,bhtd->bhgcd", hard, vf)
+        out = out + (out_hard - out.detach())
     return out.reshape(B, Hq, C, vf.shape[-1]).to(q_blk.dtype)
 
 
@@ -172,10 +186,12 @@ def gated_attention(
     chunk_size: int = 128,
     *,
     use_checkpoint: bool = True,
+    evicted_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal retention-gated attention, chunked over query rows and checkpointed per chunk.
 
-    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], log_beta [B, T, Hkv] (float32; <= 0).
+    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], log_beta [B, T, Hkv] (float32; <= 0),
+    evicted_at None or int64 [B, T, Hkv] (hard eviction, see the module docstring).
     Returns o [B, Hq, T, Dv] in q's dtype. ``use_checkpoint=False`` (testing/debugging only)
     keeps the per-block intermediates for backward instead of recomputing them.
     """
@@ -184,10 +200,12 @@ def gated_attention(
     T = q.shape[2]
     compute_dtype = _compute_dtype(q, k, v, log_beta)
     lb = log_beta.permute(0, 2, 1)  # [B, Hkv, T] (a view)
+    ev = _check_evicted_at(evicted_at, log_beta)
     outs = []
     for t0 in range(0, T, chunk_size):
         t1 = min(t0 + chunk_size, T)
-        args = (q[:, :, t0:t1], k[:, :, :t1], v[:, :, :t1], lb[:, :, :t1], t0, scale, compute_dtype)
+        args = (q[:, :, t0:t1], k[:, :, :t1], v[:, :, :t1], lb[:, :, :t1], t0, scale, compute_dtype,
+                None if ev is None else ev[:, :, :t1])
         if use_checkpoint and torch.is_grad_enabled():
             outs.append(checkpoint(_attention_block, *args, use_reentrant=False))
         else:
@@ -197,6 +215,23 @@ def gated_attention(
     return torch.cat(outs, dim=2)
 
 
+def _check_evicted_at(evicted_at: torch.Tensor | None, log_beta: torch.Tensor):
+    """evicted_at [B, T, Hkv] -> [B, Hkv, T] (int64), or None."""
+    if evicted_at is None:
+        return None
+    if not isinstance(evicted_at, torch.Tensor) or evicted_at.is_floating_point():
+        raise ValueError("evicted_at must be an integer tensor [B, T, Hkv]")
+    if evicted_at.shape != log_beta.shape:
+        raise ValueError(
+            f"evicted_at must have log_beta's shape {list(log_beta.shape)}, got "
+            f"{list(evicted_at.shape)}"
+        )
+    T = log_beta.shape[1]
+    if bool((evicted_at <= torch.arange(T, device=evicted_at.device)[None, :, None]).any()):
+        raise ValueError("evicted_at: a key is evicted at or before its own step")
+    return evicted_at.long().permute(0, 2, 1)
+
+
 def gated_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -204,8 +239,11 @@ def gated_attention_reference(
     log_beta: torch.Tensor,
     scale: float | None = None,
     chunk_size: int = 128,
+    *,
+    evicted_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Naive ground truth: builds the full [T, T] α and logits per head (``chunk_size`` unused)."""
+    """Naive ground truth: builds the full [T, T] α and logits per head (``chunk_size`` unused).
+    With `evicted_at`, the forward only: attention over the keys still live."""
     _check_chunk_size(chunk_size)
     scale = _check_attention_inputs(q, k, v, log_beta, scale)
     B, Hq, T, D = q.shape
@@ -221,7 +259,11 @@ def gated_attention_reference(
     kf = k.to(cd).repeat_interleave(g, dim=1)
     vf = v.to(cd).repeat_interleave(g, dim=1)
     logits = alpha * (q.to(cd) @ kf.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~causal, float("-inf"))
+    visible = causal[None, None]
+    if evicted_at is not None:  # [B, T, Hkv] -> visible[b, h, t, i] = t < evicted_at[b, i, h]
+        ev = evicted_at.permute(0, 2, 1).repeat_interleave(g, dim=1)
+        visible = visible & (pos[None, None, :, None] < ev[:, :, None, :])
+    logits = logits.masked_fill(~visible, float("-inf"))
     return (torch.softmax(logits, dim=-1) @ vf).to(q.dtype)
 
 

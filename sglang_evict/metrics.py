@@ -12,6 +12,9 @@ counters only: no device read.
     sglang_evict:reclaimed_head_slots_total                     counter (global evictor)
     sglang_evict:prefix_hit_tokens_total                        counter: tokens matched in
                                                                  the radix cache with eviction
+    sglang_evict:gated_prompt_tokens_total                      counter: prompt tokens whose
+                                                                 retention gates ran (per
+                                                                 layer, averaged over layers)
 """
 
 from __future__ import annotations
@@ -43,18 +46,20 @@ class EvictMetrics:
                                  "Head-slots the global evictor took.", labelnames=names)
         self.prefix_hits = Counter(PREFIX + "prefix_hit_tokens",
                                    "Prompt tokens matched in the radix cache.", labelnames=names)
-        self._seen = (0, 0, 0)
+        self.gated = Counter(PREFIX + "gated_prompt_tokens",
+                             "Prompt tokens whose retention gates ran.", labelnames=names)
+        self._seen = (0, 0, 0, 0.0)
         self.capacity.labels(**labels).set(cache.capacity)
 
-    def update(self, cache) -> None:
+    def update(self, cache, gated_prompt_tokens: float = 0.0) -> None:
         lab = self.labels
         free = cache.pool.num_free
         self.free.labels(**lab).set(free)
         self.live.labels(**lab).set(cache.capacity - free)
         self.tree.labels(**lab).set(cache.tree_live)
-        totals = cache.totals()
-        for counter, now, before in zip((self.evicted, self.reclaimed, self.prefix_hits), totals,
-                                        self._seen):
+        totals = (*cache.totals(), gated_prompt_tokens)
+        for counter, now, before in zip((self.evicted, self.reclaimed, self.prefix_hits,
+                                         self.gated), totals, self._seen):
             if now > before:
                 counter.labels(**lab).inc(now - before)
         self._seen = totals

@@ -157,8 +157,8 @@ def with_eviction_backend(config: EvictConfig, argv: list[str]) -> list[str]:
 def with_eviction_settings(config: EvictConfig, argv: list[str]) -> list[str]:
     """SGLang settings head-granular eviction needs: refuse the ones that conflict, add the rest.
 
-    The sglang_evict attention backend owns the KV; the radix cache is refused (prefix sharing
-    of evicted KV comes with its own cache backend). CUDA graphs (decode) and the overlap
+    The sglang_evict attention backend owns the KV; the radix cache stays on (its hierarchical,
+    session and other backends are refused). CUDA graphs (decode) and the overlap
     scheduler stay as the user set them: the backend captures and replays decode graphs, and
     the evictor runs on the host right after each forward, before the scheduler looks at the
     batch's results."""
@@ -182,6 +182,19 @@ def _int_flag(argv: list[str], flag: str) -> int | None:
         raise StartupError(f"{flag} must be an integer, got {v!r}") from None
 
 
+def default_chunk(pool: int) -> int:
+    """The prefill chunk `serve` chooses for a pool of `pool` tokens at full size: half of it,
+    at most 4096 (eviction needs room beside a chunk)."""
+    return max(1, min(4096, pool // 2))
+
+
+def default_running(config: EvictConfig, pool: int, chunk: int) -> int:
+    """The running requests `serve` allows with eviction: every one can hold its whole budget
+    (M + B, plus the next token) beside a prefill chunk, without squeezing another; reclaim
+    makes room beyond that only under pressure."""
+    return max(1, (pool - chunk) // (config.budget + config.buffer + 1))
+
+
 def with_fitting_sizes(config: EvictConfig, argv: list[str], pool: int) -> list[str]:
     """Derive what the user left open from the physical pool (`pool` tokens at full size) and
     the eviction settings, say what was chosen, and refuse only what cannot work: a prefill
@@ -191,7 +204,7 @@ def with_fitting_sizes(config: EvictConfig, argv: list[str], pool: int) -> list[
     chosen = []
     chunk = _int_flag(out, "--chunked-prefill-size")
     if chunk is None or chunk <= 0:
-        chunk = max(1, min(4096, pool // 2))
+        chunk = default_chunk(pool)
         out += ["--chunked-prefill-size", str(chunk)]
         chosen.append(f"--chunked-prefill-size {chunk}")
     elif chunk > pool // 2:
@@ -208,9 +221,7 @@ def with_fitting_sizes(config: EvictConfig, argv: list[str], pool: int) -> list[
             )
         running = _int_flag(out, "--max-running-requests")
         if running is None:
-            # Every running request can hold its whole budget (M + B, plus the next token)
-            # without squeezing another; reclaim makes room beyond that only under pressure.
-            running = max(1, (pool - chunk) // (config.budget + config.buffer + 1))
+            running = default_running(config, pool, chunk)
             out += ["--max-running-requests", str(running)]
             chosen.append(f"--max-running-requests {running}")
         elif running * protected + chunk > pool:

@@ -89,9 +89,9 @@ def test_multi_turn_conversation_is_served_from_the_compressed_cache(radix_serve
         if i:  # at least the whole previous prompt is matched, at most all the previous turn
             prev_len, prev = bodies[i - 1]
             assert prev_len <= meta["cached_tokens"] <= prev_len + len(prev["output_ids"])
-        held = meta["sglang_evict"][0]["live_head_slots"]
+        held = meta["sglang_evict"]["live_head_slots"]
     # the history was compressed: the last turn held far less than the full cache
-    last = bodies[-1][1]["meta_info"]["sglang_evict"][0]
+    last = bodies[-1][1]["meta_info"]["sglang_evict"]
     assert held < 0.7 * last["full_head_slots"] and last["evictions"] > 0
     assert "pineapple" in bodies[-1][1]["text"]  # the fact from turn 1 is recalled in turn 8
     after = _metrics(radix_server)
@@ -119,29 +119,90 @@ def test_policy_none_with_the_radix_cache_is_vanilla_sglang(server, none_radix_s
     assert ours["meta_info"]["cached_tokens"] >= len(ids) - 1  # the repeated ask hit in full
 
 
-def test_sixteen_queries_share_one_long_context(radix_server, hf_model):
+NEEDLES = {f"key-{i}": f"{(i * 7919) % 9000 + 1000}" for i in range(16)}
+HAYSTACK_BUFFER = 64  # holds a query and its answer: the context is the only thing evicted
+
+
+def _haystack(tokenizer) -> list[int]:
+    """A RULER-style haystack: 16 needles (key -> number) among filler sentences."""
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. "
+    text = "".join(f"{filler}The special magic number for {k} is: {v}. "
+                   for k, v in NEEDLES.items())
+    return tokenizer(text + filler)["input_ids"]
+
+
+def _question(tokenizer, key) -> list[int]:
+    return tokenizer(f" What is the special magic number for {key}? The special magic number "
+                     f"for {key} is:", add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def haystack_server(hf_model):
+    """The radix server's eviction settings, with prefill chunks the context's length: a
+    request that carries the context and its question alone compresses the context at the
+    point where a request that matched it in the tree finds it compressed."""
+    from sglang_evict.server_process import ServerProcess
+
     _, tokenizer = hf_model
-    needles = {f"key-{i}": f"{(i * 7919) % 9000 + 1000}" for i in range(16)}
-    lines = [f"The value of {k} is {v}." for k, v in needles.items()]
-    filler = "The grass is green and the sky is blue. "
-    context = " ".join(line + " " + filler for line in lines)
-    ctx_ids = tokenizer(context)["input_ids"]
-    before = _metrics(radix_server)
+    args = [
+        "--evict-policy", "retention-global", "--evict-budget", str(BUDGET),
+        "--evict-buffer", str(HAYSTACK_BUFFER), "--evict-sinks", "16", "--evict-window", "16",
+        "--max-total-tokens", "2048", "--enable-cache-report", "--enable-metrics",
+        "--evict-debug-check", "1", "--chunked-prefill-size", str(len(_haystack(tokenizer))),
+    ]
+    with ServerProcess(args) as srv:
+        yield srv
 
-    def ask(key):
-        ids = ctx_ids + tokenizer(f" Question: what is the value of {key}? Answer: The value of "
-                                  f"{key} is", add_special_tokens=False)["input_ids"]
-        return generate(radix_server, ids, 6)
 
-    generate(radix_server, ctx_ids, 1)  # the context is computed (and its gates run) once
+def _flush(server) -> None:
+    for _ in range(60):
+        if requests.post(server.url + "/flush_cache", timeout=30).status_code == 200:
+            return
+        time.sleep(1)
+    raise AssertionError("the server did not flush its cache")
+
+
+def test_sixteen_queries_share_one_compressed_context(haystack_server, hf_model):
+    """16 concurrent queries on one haystack, each for a different needle: the context's gates
+    run once, every query is served from its compressed copy, and the answers equal those of
+    16 separate requests that each carry the whole context, on an empty cache."""
+    _, tokenizer = hf_model
+    ctx = _haystack(tokenizer)
+    asks = {k: ctx + _question(tokenizer, k) for k in NEEDLES}
+
+    def gated():
+        return _metrics(haystack_server).get("sglang_evict:gated_prompt_tokens_total", 0.0)
+
+    separate = {}
+    for key, ids in asks.items():
+        _flush(haystack_server)
+        before = gated()
+        separate[key] = generate(haystack_server, ids, 6)
+        assert separate[key]["meta_info"]["cached_tokens"] == 0
+        assert gated() - before == len(ids)  # every prompt token's gates ran, once
+    assert all(b["meta_info"]["sglang_evict"]["evictions"] > 0 for b in separate.values())
+
+    _flush(haystack_server)
+    before = gated()
+    generate(haystack_server, ctx, 1)  # the context is computed, its gates run, once
     with cf.ThreadPoolExecutor(16) as pool:
-        bodies = list(pool.map(ask, needles))
-    assert all(b["meta_info"]["finish_reason"]["type"] == "length" for b in bodies)
-    assert all(b["meta_info"]["cached_tokens"] >= len(ctx_ids) - 1 for b in bodies)
-    after = _metrics(radix_server)
-    assert after["sglang_evict:head_slots_live"] <= after["sglang_evict:head_slots_capacity"]
-    assert after["sglang_evict:prefix_hit_tokens_total"] - before.get(
-        "sglang_evict:prefix_hit_tokens_total", 0) >= 16 * (len(ctx_ids) - 1)
+        shared = dict(zip(asks, pool.map(lambda ids: generate(haystack_server, ids, 6),
+                                         asks.values())))
+    # each query matches the context, or more: a question's opening is shared by the others
+    cached = {k: b["meta_info"]["cached_tokens"] for k, b in shared.items()}
+    assert all(cached[k] >= len(ctx) for k in asks)
+    computed = sum(len(ids) - cached[k] for k, ids in asks.items())
+    assert gated() - before == len(ctx) + computed  # the context once, not 16 times
+    # what one query holds: the compressed context it shares and its own tokens
+    for b in shared.values():
+        e = b["meta_info"]["sglang_evict"]
+        assert e["live_head_slots"] < 0.5 * e["full_head_slots"]
+    assert {k: b["output_ids"] for k, b in shared.items()} == {
+        k: b["output_ids"] for k, b in separate.items()}
+    m = _metrics(haystack_server)
+    assert m["sglang_evict:head_slots_live"] <= m["sglang_evict:head_slots_capacity"]
+    found = sum(NEEDLES[k] in b["text"] for k, b in shared.items())
+    print(f"needles found at M={BUDGET}: {found} of {len(NEEDLES)}")
 
 
 def test_a_forking_program_shares_its_prefix(radix_server):

@@ -1,4 +1,4 @@
-"""Gate training (sglang_evict.train) on a tiny randomly initialised Llama: the student equals
+"""Gate training (sglang_evict.training) on a tiny randomly initialised Llama: the student equals
 the teacher at β = 1, training lowers the loss and pulls the live count towards M, resume is
 exact, and the exported checkpoint is the trained gates."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_evict import train as tr
+from sglang_evict import training as tr
 from sglang_evict.gate_checkpoint import load_gates, load_gates_for_model, read_gate_header
 from sglang_evict.gates import GateConfig, RetentionGates
 
@@ -91,6 +91,89 @@ def test_training_lowers_loss_and_moves_live_count_towards_budget(tiny_model_dir
     assert {"loss", "kl", "ce", "cap", "live", "lr"} <= set(rows[0])
     assert (out / "log.csv").read_text().startswith("step,loss,kl,ce")
     assert (out / "loss_curve.png").stat().st_size > 1000
+
+
+def test_hard_eviction_training_reaches_the_gates_and_lowers_the_loss(tiny_model_dir, tmp_path):
+    """The student attends over what the server's evictor keeps (DBTrimKV's one budget, a
+    shared projection); the soft path's gradient reaches every gate, and training lowers the
+    loss the hard student sees."""
+    config = _config(tiny_model_dir, tmp_path / "run", steps=6, tasks=["niah_single_1"],
+                     hard_eviction=True, eviction_buffer=4, eviction_chunk=64,
+                     shared_projection=True, capacity_weight=0.0, lr=0.02)
+    trainer = tr.Trainer(config)
+    sample = trainer.data.sample(1000)
+    probe = torch.tensor([sample["input_ids"]])
+
+    def probe_losses():
+        out = tr.forward_backward(trainer.model, trainer.attachment, probe, config,
+                                  answer_start=sample["answer_start"])
+        grads = {n: p.grad for n, p in trainer.gates.named_parameters()}
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return out, grads
+
+    before, grads = probe_losses()
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in grads.values()), [
+        n for n, g in grads.items() if g is None or not bool(g.abs().sum() > 0)]
+    soft = tr.forward_backward(trainer.model, trainer.attachment, probe,
+                               tr.load_config(None, {**config.to_dict(), "hard_eviction": False}),
+                               answer_start=sample["answer_start"])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    assert before.kl > soft.kl  # 8 of ~190 keys per head survive: the hard student is worse
+    assert trainer.run()["status"] == "completed"
+    after, _ = probe_losses()
+    assert after.total < before.total
+
+
+@pytest.mark.parametrize("scope", ["head", "global"])
+def test_capacity_scope(tiny_model_dir, tmp_path, scope):
+    """"head": the hinge per (layer, head), averaged; "global": the hinge on the mean over all
+    layers and heads (one shared budget), from the naive expected live count."""
+    from sglang_evict.gated_attention import expected_live_count_reference
+
+    config = _config(tiny_model_dir, tmp_path / scope, capacity_scope=scope, budget=20,
+                     bias_init=2.0, init_std=0.5)
+    trainer = tr.Trainer(config)
+    ids = torch.tensor([trainer.data.sample(3)["input_ids"]])
+    out = tr.forward_backward(trainer.model, trainer.attachment, ids, config)
+    live = torch.stack([expected_live_count_reference(lb.detach().double())
+                        for lb in trainer.attachment.log_betas])  # [L, B, T, H]
+    M = config.budget
+    if scope == "head":
+        expected = torch.relu(live - M).mean() / M
+    else:
+        expected = torch.relu(live.mean(dim=(0, 3)) - M).mean() / M
+    assert out.cap == pytest.approx(float(expected), rel=1e-4)
+    # heads differ (init_std): the two readings differ, the shared one is the smaller
+    spread = torch.relu(live - M).mean() / M - torch.relu(live.mean(dim=(0, 3)) - M).mean() / M
+    assert float(spread) > 1e-3
+
+
+def test_distillation_starts_shared_projection_gates_from_per_layer_ones(tiny_model_dir, tmp_path):
+    """Per-layer gates with varied scores, exported; a DBTrimKV run that distils from them
+    starts with their scores: the log-rate error, measured here on fresh sequences, falls."""
+    from sglang_evict.gate_checkpoint import save_gates
+    from sglang_evict.training.distill import attention_inputs, distill_error
+
+    model = tr.load_base_model(tiny_model_dir)
+    source = RetentionGates(GateConfig.from_hf_config(model.config, gate_hidden=16, bias_init=4.0),
+                            init_std=0.3, seed=5)
+    path = save_gates(tmp_path / "per_layer.safetensors", source)
+    config = _config(tiny_model_dir, tmp_path / "run", shared_projection=True,
+                     distill_from=str(path), distill_steps=150, distill_tokens=600)
+    fresh = tr.Trainer(_config(tiny_model_dir, tmp_path / "fresh", shared_projection=True))
+    trainer = tr.Trainer(config)
+    g = torch.Generator().manual_seed(11)
+    probe = [torch.randint(0, model.config.vocab_size, (1, 96), generator=g) for _ in range(2)]
+    inputs = attention_inputs(model, probe)
+    assert trainer.gates.config.shared_projection
+    assert distill_error(trainer.gates, source, inputs) < 0.3 * distill_error(fresh.gates, source,
+                                                                               inputs)
+    assert trainer.distilled["tokens"] >= 600
+    assert trainer.run()["status"] == "completed"
+    header = read_gate_header(Path(config.out_dir) / tr.EXPORT_FILE)
+    assert header.training["distilled"]["from"] == str(path)
+    with pytest.raises(tr.TrainConfigError, match="pick one"):
+        _config(tiny_model_dir, tmp_path / "x", distill_from=str(path), init_gates=str(path))
 
 
 def test_resume_gives_the_same_next_loss(tiny_model_dir, tmp_path):

@@ -88,6 +88,8 @@ def test_gate_attach_targets():
     assert _params(g.STORE_KV) == ["self", "layer_idx", "loc", "cache_k", "cache_v"]
     assert _params(g.RELEASE_KV)[:2] == ["req", "tree_cache"]
     assert _params(g.STREAMER_CLASS) == ["self"]
+    assert _params(g.UPDATE_META) == [
+        "self", "meta_info", "state", "customized_info", "index", "finish_reason"]
     # The output streamer's documented extension point for per-request meta_info fields.
     from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 
@@ -218,3 +220,31 @@ def test_attention_backend_is_registered_for_the_cli():
     evict_backend.register_backend()
     assert ATTENTION_BACKEND in ATTENTION_BACKEND_CHOICES
     assert ATTENTION_BACKENDS[ATTENTION_BACKEND] is evict_backend.create_backend
+
+
+def test_evict_meta_info_is_one_object_beside_accumulated_customized_info():
+    """SGLang accumulates customized info as lists over a request's outputs; the eviction entry,
+    sent once when the request finishes, arrives as one object while other keys keep
+    SGLang's list semantics (including the slice a streamed chunk takes)."""
+    from sglang.srt.managers import tokenizer_manager as tm
+    from sglang_evict.patches import gate_attach as g
+
+    manager = tm.TokenizerManager.__new__(tm.TokenizerManager)
+    state = type("State", (), {})()
+    state.customized_info_accumulated, state.customized_info_reported_keys = {}, set()
+    original = tm.TokenizerManager.update_request_meta_info
+    entry = {"live_head_slots": 7, "evictions": 1}
+
+    meta_running: dict = {}  # an output before the request finished: no entry yet
+    g.around_update_request_meta_info(
+        original, manager, meta_running, state, {"other": [[1, 2]], g.META_KEY: [[]]}, 0, None)
+    assert meta_running == {"other": [1, 2]}
+
+    meta_done: dict = {}
+    g.around_update_request_meta_info(
+        original, manager, meta_done, state, {"other": [[0], [3]], g.META_KEY: [[], [entry]]},
+        1, {"type": "length"})
+    assert meta_done == {"other": [1, 2, 3], g.META_KEY: entry}
+    assert g.META_KEY not in state.customized_info_accumulated
+    tm._slice_streaming_output_meta_info(meta_done, 2, state.customized_info_accumulated.keys())
+    assert meta_done == {"other": [3], g.META_KEY: entry}

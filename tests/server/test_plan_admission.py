@@ -1,0 +1,61 @@
+"""`sglang-evict plan` against what the server actually admits: the same KV pool, the same
+requests, the most requests running at once read from the scheduler's own log."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.server
+
+POOL, CONTEXT, OUTPUT, BUDGET, BUFFER = 2048, 500, 8, 32, 8
+REQUESTS = 40
+
+
+def _most_running(server) -> int:
+    """Run REQUESTS distinct prompts (nothing to share in the prefix cache) at once; the most
+    requests SGLang's scheduler had running in one decode batch."""
+    def one(i):
+        ids = [100 + (i * 131 + j * 7) % 20000 for j in range(CONTEXT)]
+        r = requests.post(server.url + "/generate", json={
+            "input_ids": ids,
+            "sampling_params": {"temperature": 0, "max_new_tokens": OUTPUT, "ignore_eos": True},
+        }, timeout=900)
+        r.raise_for_status()
+        return r.json()["meta_info"]["completion_tokens"]
+
+    with cf.ThreadPoolExecutor(REQUESTS) as pool:
+        assert list(pool.map(one, range(REQUESTS))) == [OUTPUT] * REQUESTS
+    log = server.log_path.read_text(errors="replace")
+    return max(int(n) for n in re.findall(r"Decode batch.*?#running-req: (\d+)", log))
+
+
+@pytest.fixture(scope="module")
+def predicted(default_model_path):
+    from sglang_evict.config import EvictConfig
+    from sglang_evict.plan import plan, read_model
+
+    cfg = EvictConfig(policy="retention-global", budget=BUDGET, buffer=BUFFER)
+    return plan(read_model(default_model_path), context=CONTEXT, output=OUTPUT, budget=BUDGET,
+                cfg=cfg, kv_tokens=POOL)
+
+
+def test_plan_predicts_what_the_server_admits(predicted):
+    from sglang_evict.server_process import ServerProcess
+
+    common = ["--max-total-tokens", str(POOL), "--decode-log-interval", "1"]
+    with ServerProcess(common) as vanilla:
+        seen_vanilla = _most_running(vanilla)
+    with ServerProcess(common + ["--evict-policy", "retention-global", "--evict-budget",
+                                 str(BUDGET), "--evict-buffer", str(BUFFER)]) as evicting:
+        seen_evicting = _most_running(evicting)
+    # independent arithmetic: whole requests per pool; with eviction, M + B + 1 tokens' worth
+    # each beside a prefill chunk of half the pool (fewer than the virtual ids would allow)
+    assert predicted.vanilla == POOL // (CONTEXT + OUTPUT)
+    assert predicted.at_budget == (POOL - POOL // 2) // (BUDGET + BUFFER + 1)
+    assert predicted.at_budget < POOL * 8 // (CONTEXT + OUTPUT)
+    assert (seen_vanilla, seen_evicting) == (predicted.vanilla, predicted.at_budget)
+    assert seen_evicting >= 5 * seen_vanilla
