@@ -6,8 +6,8 @@ user message (U tokens) and generates G tokens (greedy, ignore_eos). The pool (-
 full size, the same for both servers) holds a fraction of what the sessions' histories need at
 full size (--fraction, default a quarter). Reported per server: requests/s and output tokens/s
 over the whole run, p50/p99 request latency, prompt tokens served from the radix cache (hit
-rate), the largest number of requests running together (from the server log), retractions and
-failed requests.
+rate), p50/p99 time to first token and inter-token latency (requests are streamed), the largest
+number of requests running together (from the server log), retractions and failed requests.
 
     .venv/bin/python -P bench/multi_turn.py --out bench/results/multi_turn.json
 """
@@ -19,7 +19,6 @@ import concurrent.futures as cf
 import json
 import random
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ 
 from server_plot import plot_servers  # noqa: E402
 
 
+def _streamed(url: str, input_ids: list[int], new_tokens: int) -> dict | None:
+    """One streamed /generate: its output ids, meta_info and the arrival time of every chunk
+    (time.perf_counter), or None if it failed."""
+    body = {"input_ids": input_ids, "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
+                                "ignore_eos": True}}
+    arrivals, last = [], None
+    try:
+        with requests.post(url + "/generate", json=body, stream=True, timeout=3600) as r:
+            if r.status_code != 200:
+                return None
+            for line in r.iter_lines():
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("output_ids"):
+                    arrivals.append(time.perf_counter())
+                last = chunk
+    except requests.RequestException:
+        return None
+    if last is None or not arrivals:
+        return None
+    return {"output_ids": last["output_ids"], "meta_info": last["meta_info"],
+            "arrivals": arrivals}
+
+
 def session(url: str, seed: int, turns: int, user_tokens: int, new_tokens: int) -> list[dict]:
     rng = random.Random(seed)
     history: list[int] = []
@@ -36,26 +61,24 @@ def session(url: str, seed: int, turns: int, user_tokens: int, new_tokens: int) 
     for _ in range(turns):
         history = history + [rng.randrange(1000, 20000) for _ in range(user_tokens)]
         t0 = time.perf_counter()
-        try:
-            r = requests.post(url + "/generate", json={
-                "input_ids": history,
-                "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
-                                    "ignore_eos": True},
-            }, timeout=3600)
-            ok = r.status_code == 200
-        except requests.RequestException:
-            ok = False
+        got = _streamed(url, history, new_tokens)
         latency = time.perf_counter() - t0
-        if not ok:
+        if got is None:
             out.append({"ok": False, "latency": latency})
             break
-        body = r.json()
-        meta = body["meta_info"]
+        meta, arrivals = got["meta_info"], got["arrivals"]
         out.append({"ok": True, "latency": latency, "prompt": meta["prompt_tokens"],
                     "cached": meta.get("cached_tokens", 0),
-                    "completion": meta["completion_tokens"]})
-        history = history + body["output_ids"]
+                    "completion": meta["completion_tokens"],
+                    "ttft": arrivals[0] - t0,
+                    "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]})
+        history = history + got["output_ids"]
     return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
 def run_server(name: str, sargs: list[str], args) -> dict:
@@ -72,7 +95,9 @@ def run_server(name: str, sargs: list[str], args) -> dict:
         log = srv.log_path.read_text(errors="replace")
     reqs = [r for run in runs for r in run]
     done = [r for r in reqs if r["ok"]]
-    lat = sorted(r["latency"] for r in done)
+    lat = [r["latency"] for r in done]
+    ttft = [r["ttft"] for r in done]
+    itl = [x for r in done for x in r["itl"]]
     running = [int(m) for m in re.findall(r"#running-req: (\d+)", log)]
     result = {
         "server_args": sargs,
@@ -81,8 +106,12 @@ def run_server(name: str, sargs: list[str], args) -> dict:
         "wall_s": wall,
         "requests_per_s": len(done) / wall,
         "output_tokens_per_s": sum(r["completion"] for r in done) / wall,
-        "latency_p50_s": statistics.median(lat) if lat else None,
-        "latency_p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+        "latency_p50_s": _pct(lat, 0.5),
+        "latency_p99_s": _pct(lat, 0.99),
+        "ttft_p50_s": _pct(ttft, 0.5),
+        "ttft_p99_s": _pct(ttft, 0.99),
+        "itl_p50_ms": 1000 * _pct(itl, 0.5) if itl else None,
+        "itl_p99_ms": 1000 * _pct(itl, 0.99) if itl else None,
         "prefix_hit_rate": (sum(r["cached"] for r in done) / max(1, sum(r["prompt"] for r in done))),
         "max_running": max(running) if running else 0,
         "retractions": log.count("KV cache pool is full. Retract requests."),
@@ -94,7 +123,8 @@ def run_server(name: str, sargs: list[str], args) -> dict:
 def plot(results: dict, out: Path) -> None:
     plot_servers(results["servers"], {
         "requests_per_s": "requests/s", "output_tokens_per_s": "output tokens/s",
-        "latency_p99_s": "p99 latency (s)", "prefix_hit_rate": "prefix hit rate",
+        "latency_p99_s": "p99 latency (s)", "ttft_p99_s": "p99 TTFT (s)",
+        "itl_p99_ms": "p99 ITL (ms)", "prefix_hit_rate": "prefix hit rate",
         "max_running": "most running"},
         f"{results['sessions']} sessions x {results['turns']} turns, pool "
         f"{results['pool_tokens']} tokens", out)

@@ -65,7 +65,7 @@ def distill_gates(gates: RetentionGates, source: RetentionGates, inputs: Sequenc
         ]).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
