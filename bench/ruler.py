@@ -121,7 +121,7 @@ def reusable_rows(path: Path, samples: list[dict], grid: list, buffer: int,
 def run(args) -> dict:
     from sglang_evict import default_model
     from sglang_evict.server_process import ServerProcess
-    from sglang_evict.train_data import build_eval_set, score_sample
+    from sglang_evict.training.data import build_eval_set, score_sample
 
     model = default_model.resolve()
     out = Path(args.out)

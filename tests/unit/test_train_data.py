@@ -1,4 +1,4 @@
-"""Training / evaluation data built on RULER's generators (sglang_evict.train_data): lengths,
+"""Training / evaluation data built on RULER's generators (sglang_evict.training.data): lengths,
 determinism, train/eval separation, RULER's scoring."""
 
 from __future__ import annotations
@@ -7,7 +7,10 @@ import re
 
 import pytest
 
-from sglang_evict import train_data as td
+from sglang_evict.training import data as td
+from sglang_evict.training.data.qa import qa_corpus
+from sglang_evict.training.data.ruler_scripts import ruler_scripts
+from sglang_evict.training.data.splits import DATE_HEADER
 
 # Filler comes in units (a word, a noise line, a distractor needle of up to ~50 tokens, a QA
 # document), so a sample can fall short of its length by up to one unit.
@@ -29,7 +32,7 @@ def test_eval_sample_has_requested_length(task, length):
     budget = length - r["tokens_to_generate"]
     assert r["n_tokens"] <= budget
     assert r["n_tokens"] >= budget - _tolerance(length, task)
-    assert r["n_tokens"] == len(td._scripts(None).tokenizer.encode(r["input"]))
+    assert r["n_tokens"] == len(ruler_scripts(None).tokenizer.encode(r["input"]))
     assert r["outputs"] and all(isinstance(o, str) and o for o in r["outputs"])
     assert r["task"] == task and r["length"] == length and r["split"] == "eval"
     # The prompt ends with RULER's answer prefix, right after the assistant tag.
@@ -39,7 +42,7 @@ def test_eval_sample_has_requested_length(task, length):
 @pytest.mark.parametrize("task", ["niah_single_2", "vt", "multiturn_recall", "essay"])
 def test_training_text_has_requested_length(task):
     r = td.make_sample(task, 1024, split="train", seed=3, index=7, for_training=True)
-    n = len(td._scripts(None).tokenizer.encode(r["text"]))
+    n = len(ruler_scripts(None).tokenizer.encode(r["text"]))
     assert 1024 - _tolerance(1024) <= n <= 1024
     if task != "essay":
         # The answer follows the prompt, so the loss sees the model produce it.
@@ -105,8 +108,8 @@ def test_essay_and_key_partitions_are_disjoint():
     eval_words = set(parts["eval"].split())
     assert 0.1 < len(parts["eval"]) / (len(parts["eval"]) + len(parts["train"])) < 0.3
     # The cut is at an essay header, so the eval part ends where an essay ends.
-    assert td._DATE_HEADER.match(parts["train"])
-    s = td._scripts(None)
+    assert DATE_HEADER.match(parts["train"])
+    s = ruler_scripts(None)
     train_nouns, eval_nouns = set(s.keys("train").nouns), set(s.keys("eval").nouns)
     assert train_nouns and eval_nouns and not train_nouns & eval_nouns
     # An eval haystack is a window of the eval essays.
@@ -153,7 +156,7 @@ def test_bad_requests_fail_clearly():
 
 def _qa_question(r):
     """The corpus entry a QA record asks, and its golden documents."""
-    corpus = td._qa_corpus(td.task_spec(r["task"]).args["dataset"])
+    corpus = qa_corpus(td.task_spec(r["task"]).args["dataset"])
     (q,) = {q for q in corpus.questions if q.query == r["question"]}
     return q, [corpus.docs[g] for g in q.golden]
 
@@ -163,7 +166,7 @@ def _qa_question(r):
 def test_qa_sample_fits_and_holds_question_and_golden_document(task, length):
     (r,) = td.build_eval_set(task, length, 1)
     assert r["n_tokens"] + r["tokens_to_generate"] <= length and r["tokens_to_generate"] == 32
-    assert r["n_tokens"] == len(td._scripts(None).tokenizer.encode(r["input"]))
+    assert r["n_tokens"] == len(ruler_scripts(None).tokenizer.encode(r["input"]))
     assert f"Question: {r['question']}<|im_end|>" in r["input"]
     assert r["input"].endswith("<|im_start|>assistant\nAnswer:")
     q, golden = _qa_question(r)
@@ -175,14 +178,14 @@ def test_qa_sample_fits_and_holds_question_and_golden_document(task, length):
     if r["outputs"][0].lower() not in ("yes", "no"):  # HotpotQA comparison answers
         assert any(o.lower() in doc.lower() for doc in golden for o in r["outputs"])
     t = td.make_sample(task, length, split="train", seed=0, index=0, for_training=True)
-    n = len(td._scripts(None).tokenizer.encode(t["text"]))
+    n = len(ruler_scripts(None).tokenizer.encode(t["text"]))
     assert length - QA_DOC_TOKENS <= n <= length
     assert t["text"].endswith(" " + t["outputs"][0] + "<|im_end|>")
 
 
 def test_qa_questions_are_split_disjointly():
     for dataset in ("squad", "hotpotqa"):
-        corpus = td._qa_corpus(dataset)
+        corpus = qa_corpus(dataset)
         train, eval_ = (corpus.split_questions[s] for s in ("train", "eval"))
         assert train and eval_ and not set(train) & set(eval_)
         assert 0.1 < len(eval_) / len(corpus.questions) < 0.3  # ~1 in EVAL_FRACTION
