@@ -19,7 +19,7 @@ PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_e
 VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 
 REQUEST_KEY = "sglang_evict"  # sampling_params.custom_params[REQUEST_KEY]
-REQUEST_FIELDS = ("policy", "budget", "buffer", "sinks", "window", "min_per_head")
+REQUEST_FIELDS = ("policy", "budget", "buffer", "sinks", "window", "min_per_head", "lookahead")
 
 
 def request_config(custom_params) -> EvictConfig | None:

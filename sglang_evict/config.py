@@ -38,6 +38,7 @@ FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--evict-buffer", "buffer", int),
     ("--evict-sinks", "sinks", int),
     ("--evict-window", "window", int),
+    ("--evict-lookahead", "lookahead", int),
     ("--evict-min-per-head", "min_per_head", int),
     ("--evict-oversubscribe", "oversubscribe", int),
     ("--evict-debug-check", "debug_check", int),
@@ -61,6 +62,9 @@ class EvictConfig:
     buffer: int = 128  # B: eviction triggers above M + B
     sinks: int = 4  # first positions never evicted (attention sinks)
     window: int = 0  # most recent positions never evicted (0 = none)
+    # Retention policies: 0 ranks by log alpha now, (t - pos) log beta; n >= 1 by the retention
+    # summed over the next n steps (1: (t + 1 - pos) log beta, the authors' runtime).
+    lookahead: int = 0
     min_per_head: int = 0  # floor per (layer, head) under the global budget
     # Virtual token ids (SGLang's token pool) per token of physical KV memory: how many more
     # tokens requests may hold in total than would fit at full size.
@@ -99,12 +103,16 @@ class EvictConfig:
             raise EvictConfigError(f"--evict-policy {self.policy} needs --evict-budget M")
         elif self.budget < 1:
             raise EvictConfigError(f"--evict-budget must be >= 1, got {self.budget}")
-        for name in ("buffer", "sinks", "window", "min_per_head"):
+        for name in ("buffer", "sinks", "window", "min_per_head", "lookahead"):
             if getattr(self, name) < 0:
                 flag = "--evict-" + name.replace("_", "-")
                 raise EvictConfigError(f"{flag} must be >= 0, got {getattr(self, name)}")
         if self.oversubscribe < 1:
             raise EvictConfigError(f"--evict-oversubscribe must be >= 1, got {self.oversubscribe}")
+        if self.lookahead and POLICY_CHOICES[self.policy][0] != "retention":
+            raise EvictConfigError(
+                f"--evict-lookahead applies to the retention policies, not {self.policy}"
+            )
         if self.min_per_head:
             if self.policy == "retention":
                 raise EvictConfigError(
@@ -163,9 +171,10 @@ class EvictConfig:
         from sglang_evict.eviction.policies import make_policy
 
         name, mode = POLICY_CHOICES[self.policy]
+        retention = {"lookahead": self.lookahead} if name == "retention" else {}
         return EvictorConfig(
             budget=self.budget,
-            policy=make_policy(name, sinks=self.sinks, window=self.window),
+            policy=make_policy(name, sinks=self.sinks, window=self.window, **retention),
             buffer=self.buffer,
             mode=mode,
             min_per_head=self.min_per_head,

@@ -79,6 +79,8 @@ class TrainConfig:
     eviction_buffer: int = 128
     eviction_sinks: int = 4
     eviction_window: int = 0
+    # The score's offset, as `--evict-lookahead` serves it (0: (t - pos) log beta).
+    eviction_lookahead: int = 0
     eviction_chunk: int = 1024
     # data (sglang_evict.training.data)
     tasks: list[str] = field(default_factory=_default_tasks)
@@ -153,7 +155,7 @@ class TrainConfig:
         need(isinstance(self.hard_eviction, bool), "hard_eviction", "true or false")
         need(self.eviction_policy in ("retention", "retention-global"), "eviction_policy",
              "retention or retention-global")
-        for name in ("eviction_buffer", "eviction_sinks", "eviction_window"):
+        for name in ("eviction_buffer", "eviction_sinks", "eviction_window", "eviction_lookahead"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(is_int(self.eviction_chunk) and self.eviction_chunk >= 1, "eviction_chunk",
              "an integer >= 1")

@@ -34,11 +34,12 @@ def serving_steps(length: int, prompt_len: int | None, chunk: int) -> list[int]:
 
 
 def make_evictor(policy: str, budget: int, buffer: int, sinks: int, window: int,
-                 num_layers: int, num_kv_heads: int) -> Evictor:
+                 num_layers: int, num_kv_heads: int, lookahead: int = 0) -> Evictor:
     """The server's evictor for these `--evict-*` settings."""
     if policy not in POLICY_CHOICES or policy == "none":
         raise ValueError(f"eviction_policy must be a policy that evicts, got {policy!r}")
-    cfg = EvictConfig(policy=policy, budget=budget, buffer=buffer, sinks=sinks, window=window)
+    cfg = EvictConfig(policy=policy, budget=budget, buffer=buffer, sinks=sinks, window=window,
+                      lookahead=lookahead)
     return Evictor(cfg.evictor_config(), num_layers, num_kv_heads)
 
 

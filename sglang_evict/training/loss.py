@@ -40,7 +40,8 @@ def hard_eviction_times(log_betas, config: TrainConfig, answer_start: int | None
     from the layers' log β [B, T, Hkv] (the prompt is the tokens before `answer_start`)."""
     B, T, H = log_betas[0].shape
     evictor = make_evictor(config.eviction_policy, config.budget, config.eviction_buffer,
-                           config.eviction_sinks, config.eviction_window, len(log_betas), H)
+                           config.eviction_sinks, config.eviction_window, len(log_betas), H,
+                           config.eviction_lookahead)
     steps = serving_steps(T, answer_start, config.eviction_chunk)
     stacked = torch.stack(list(log_betas))  # [L, B, T, H]
     per_seq = [eviction_times(stacked[:, b], evictor, steps) for b in range(B)]  # [L, T, H] each

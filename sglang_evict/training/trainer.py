@@ -284,7 +284,8 @@ class Trainer:
             + ("mean_layers relu(live - M)/M" if c.capacity_scope == "head"
                else "relu(mean_layers_heads live - M)/M")
             + (f"; hard eviction ({c.eviction_policy}, M={c.budget}, B={c.eviction_buffer}, "
-               f"sinks={c.eviction_sinks}, window={c.eviction_window}, prefill chunks of "
+               f"sinks={c.eviction_sinks}, window={c.eviction_window}, "
+               f"lookahead={c.eviction_lookahead}, prefill chunks of "
                f"{c.eviction_chunk}), straight-through" if c.hard_eviction else ""),
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": self.device.type,

@@ -92,6 +92,10 @@ def test_eviction_flags_parse_and_build_the_evictor(tmp_path):
          "exceeds --evict-budget 8"),
         (["--evict-policy", "streaming", "--evict-budget", "8", "--evict-oversubscribe", "0"],
          "--evict-oversubscribe must be >= 1"),
+        (["--evict-policy", "streaming", "--evict-budget", "8", "--evict-lookahead", "1"],
+         "--evict-lookahead applies to the retention policies, not streaming"),
+        (["--evict-policy", "retention", "--evict-budget", "8", "--evict-lookahead", "-1"],
+         "--evict-lookahead must be >= 0"),
     ],
 )
 def test_bad_eviction_flags(argv, message):
@@ -123,6 +127,45 @@ def test_per_request_override_merges_over_the_server_settings(monkeypatch):
     monkeypatch.setattr(evict_state._state, "config", EvictConfig())
     with pytest.raises(ValueError, match="started without --evict-policy"):
         evict_requests.request_config({"sglang_evict": {"budget": 8}})
+
+
+def test_lookahead_flag_and_override_set_the_served_score(tmp_path, monkeypatch):
+    """--evict-lookahead 1 ranks entries by (t + 1 - pos) log beta (the authors' runtime), 0 by
+    (t - pos) log beta; a request may choose either on a retention server."""
+    import torch
+
+    from sglang_evict.eviction.policies import ScoreInputs
+    from sglang_evict.patches import evict_requests, evict_state
+
+    gates = tmp_path / "g.safetensors"
+    gates.write_bytes(b"x")
+    flags = ["--evict-policy", "retention-global", "--evict-budget", "8",
+             "--evict-gates", str(gates), "--evict-sinks", "0"]
+    plain, _ = split_argv(flags)
+    ahead, _ = split_argv(flags + ["--evict-lookahead", "1"])
+    assert plain.evictor_config().policy.lookahead == 0
+    assert ahead.evictor_config().policy.lookahead == 1
+    # Two entries whose order flips with the offset: an old one with beta near 1 and a recent
+    # one with a small beta. t = 10.
+    log_beta = torch.tensor([[-0.1], [-0.7]])
+    positions = torch.tensor([0, 9])
+    inputs = ScoreInputs(positions, torch.tensor([10, 10]), 1, log_beta, None)
+    for cfg, offset in ((plain, 0), (ahead, 1)):
+        score = cfg.evictor_config().policy.score(inputs)[:, 0].double()
+        expect = (10 + offset - positions).double() * log_beta[:, 0].double()
+        assert torch.allclose(score, expect, atol=1e-5)
+    plain_order = plain.evictor_config().policy.score(inputs)[:, 0].argsort().tolist()
+    ahead_order = ahead.evictor_config().policy.score(inputs)[:, 0].argsort().tolist()
+    # now: -1.0 vs -0.7 (the old entry goes first); one step on: -1.1 vs -1.4 (the recent one)
+    assert plain_order == [0, 1] and ahead_order == [1, 0]
+
+    monkeypatch.setattr(evict_state._state, "config", plain)
+    cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}})
+    assert cfg.evictor_config().policy.lookahead == 1
+    with pytest.raises(ValueError, match="lookahead must be >= 0"):
+        evict_requests.request_config({"sglang_evict": {"lookahead": -2}})
+    with pytest.raises(ValueError, match="applies to the retention policies"):
+        evict_requests.request_config({"sglang_evict": {"policy": "random", "lookahead": 1}})
 
 
 def test_retention_needs_gates():
