@@ -78,9 +78,15 @@ def cells(policies, budgets):
 
 
 def override(policy: str, budget: int | None, buffer: int) -> dict:
+    """A cell's request settings. "retention-global+la1" is retention-global scored with
+    lookahead 1 ((t + 1 - pos) log beta)."""
     if policy == BASELINE:
         return {"policy": "none"}
-    return {"policy": policy, "budget": budget, "buffer": buffer}
+    name, _, lookahead = policy.partition("+la")
+    fields = {"policy": name, "budget": budget, "buffer": buffer}
+    if lookahead:
+        fields["lookahead"] = int(lookahead)
+    return fields
 
 
 def _cell_key(sample: dict, policy: str, budget: int | None) -> tuple:
@@ -118,43 +124,30 @@ def reusable_rows(path: Path, samples: list[dict], grid: list, buffer: int,
     return reused
 
 
-def run(args) -> dict:
-    from sglang_evict import default_model
-    from sglang_evict.server_process import ServerProcess
-    from sglang_evict.training.data import build_eval_set, score_sample
-
-    model = default_model.resolve()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    gates = args.gates
-    if gates == "init":
-        gates = str(write_init_gates(model, out.with_suffix(".init_gates.safetensors")))
-
-    samples = []
-    for length in args.lengths:
-        for task in args.tasks:
-            samples += build_eval_set(task, length, args.n)
-    grid = list(cells(args.policies, args.budgets))
-    jobs = [(s, p, m) for s in samples for p, m in grid]
-    pool = args.pool or max(args.lengths) * (args.concurrency + 1)
-    server_args = [
+def server_args_for(gates: str, budgets, buffer: int, pool: int, concurrency: int,
+                    chunk: int) -> list[str]:
+    """One server for every cell: retention-global at the largest budget; each request sets its
+    own policy, budget, buffer (and lookahead) through custom_params."""
+    return [
         "--evict-policy", "retention-global", "--evict-gates", gates,
-        "--evict-budget", str(max(args.budgets)), "--evict-buffer", str(args.buffer),
+        "--evict-budget", str(max(budgets)), "--evict-buffer", str(buffer),
         "--disable-radix-cache", "--max-total-tokens", str(pool),
-        "--max-running-requests", str(args.concurrency),
-        "--chunked-prefill-size", str(args.chunk),
+        "--max-running-requests", str(concurrency),
+        "--chunked-prefill-size", str(chunk),
     ]
-    reused = reusable_rows(Path(args.reuse), samples, grid, args.buffer, server_args) if args.reuse else {}
-    jobs = [j for j in jobs if _cell_key(*j) not in reused]
-    print(f"{len(samples)} prompts x {len(grid)} cells: {len(jobs)} requests, {len(reused)} rows "
-          f"reused from {args.reuse}; pool {pool} tokens", flush=True)
+
+
+def serve_rows(server, jobs: list, buffer: int, concurrency: int) -> list[dict]:
+    """Run (sample, policy, budget) jobs on a started server; one scored row each. Refused if
+    any request lost head-slots to another (the pool must not squeeze anyone)."""
+    from sglang_evict.training.data import score_sample
 
     def one(job):
         sample, policy, budget = job
         params = {
             "temperature": 0,
             "max_new_tokens": sample["tokens_to_generate"],
-            "custom_params": {"sglang_evict": override(policy, budget, args.buffer)},
+            "custom_params": {"sglang_evict": override(policy, budget, buffer)},
         }
         r = requests.post(server.url + "/generate",
                           json={"text": sample["input"], "sampling_params": params}, timeout=3600)
@@ -171,35 +164,74 @@ def run(args) -> dict:
             "full_head_slots": meta["full_head_slots"],
             "peak_live_head_slots": meta["peak_live_head_slots"],
             "reclaimed_head_slots": meta["reclaimed_head_slots"],
+            "kv_kept_fraction": meta["live_head_slots"] / meta["full_head_slots"],
         }
 
-    t0 = time.time()
-    with ServerProcess(server_args, log_path=out.with_suffix(".server.log")) as server:
-        started = time.time() - t0
-        with cf.ThreadPoolExecutor(args.concurrency) as ex:
-            rows = list(tqdm(ex.map(one, jobs), total=len(jobs), desc="RULER requests"))
-    rows += [dict(r, reused_from=str(args.reuse)) for r in reused.values()]
+    with cf.ThreadPoolExecutor(concurrency) as ex:
+        rows = list(tqdm(ex.map(one, jobs), total=len(jobs), desc="sglang-evict requests"))
     squeezed = [r for r in rows if r["reclaimed_head_slots"]]
     if squeezed:
         raise SystemExit(
             f"{len(squeezed)} requests lost head-slots to others (pool too small); "
             "raise --pool or lower --concurrency"
         )
+    return rows
+
+
+def summarize(rows: list[dict], lengths, grid, tasks) -> list[dict]:
+    """Per (length, policy, budget): mean score, 95% bootstrap interval, KV kept, per task."""
     summary = []
-    for length in args.lengths:
+    for length in lengths:
         for policy, budget in grid:
             sel = [r for r in rows if r["length"] == length and r["policy"] == policy
                    and r["budget"] == budget]
+            if not sel:
+                continue
             scores = [r["score"] for r in sel]
             lo, hi = bootstrap_ci(scores)
-            live = [r["live_head_slots"] / r["full_head_slots"] for r in sel]
             summary.append({
                 "length": length, "policy": policy, "budget": budget, "n": len(sel),
                 "score": float(np.mean(scores)), "ci95": [lo, hi],
-                "kv_kept_fraction": float(np.mean(live)),
+                "kv_kept_fraction": float(np.mean([r["kv_kept_fraction"] for r in sel])),
                 "per_task": {t: float(np.mean([r["score"] for r in sel if r["task"] == t]))
-                             for t in args.tasks},
+                             for t in tasks if any(r["task"] == t for r in sel)},
             })
+    return summary
+
+
+def run(args) -> dict:
+    from sglang_evict import default_model
+    from sglang_evict.server_process import ServerProcess
+    from sglang_evict.training.data import build_eval_set
+
+    model = default_model.resolve()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gates = args.gates
+    if gates == "init":
+        gates = str(write_init_gates(model, out.with_suffix(".init_gates.safetensors")))
+
+    samples = []
+    for length in args.lengths:
+        for task in args.tasks:
+            samples += build_eval_set(task, length, args.n)
+    grid = list(cells(args.policies, args.budgets))
+    jobs = [(s, p, m) for s in samples for p, m in grid]
+    pool = args.pool or max(args.lengths) * (args.concurrency + 1)
+    server_args = server_args_for(gates, args.budgets, args.buffer, pool, args.concurrency,
+                                  args.chunk)
+    reused = reusable_rows(Path(args.reuse), samples, grid, args.buffer, server_args) if args.reuse else {}
+    jobs = [j for j in jobs if _cell_key(*j) not in reused]
+    print(f"{len(samples)} prompts x {len(grid)} cells: {len(jobs)} requests, {len(reused)} rows "
+          f"reused from {args.reuse}; pool {pool} tokens", flush=True)
+
+    t0 = time.time()
+    with ServerProcess(server_args, log_path=out.with_suffix(".server.log")) as server:
+        started = time.time() - t0
+        rows = serve_rows(server, jobs, args.buffer, args.concurrency)
+    rows += [dict(r, reused_from=str(args.reuse)) for r in reused.values()]
+    for r in rows:  # rows of runs before kv_kept_fraction was a row field
+        r.setdefault("kv_kept_fraction", r["live_head_slots"] / r["full_head_slots"])
     result = {
         "benchmark": "ruler", "gates": args.gates,
         "gates_sha256": hashlib.sha256(Path(gates).read_bytes()).hexdigest(),
@@ -207,7 +239,8 @@ def run(args) -> dict:
         "lengths": list(args.lengths), "n_per_task": args.n, "buffer": args.buffer,
         "reused_from": args.reuse, "reused_rows": len(reused),
         "server_args": server_args, "server_start_s": started,
-        "wall_s": time.time() - t0, "summary": summary, "rows": rows,
+        "wall_s": time.time() - t0,
+        "summary": summarize(rows, args.lengths, grid, args.tasks), "rows": rows,
     }
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
@@ -216,27 +249,32 @@ def run(args) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Score vs M per system, one panel per length: gated policies thick, peers (kvpress)
+    dashed, the full cache a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = result["lengths"]
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         rows = [s for s in result["summary"] if s["length"] == length]
-        for policy in sorted({s["policy"] for s in rows} - {BASELINE}):
+        for policy in sorted({s["policy"] for s in rows if s["budget"] is not None}):
             pts = sorted((s["budget"], s["score"]) for s in rows if s["policy"] == policy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+            gated = policy.partition("+la")[0] in ("retention-global", "retention")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                    "--" if policy.startswith("kvpress:") else "-", marker="o",
+                    lw=2.5 if gated else 1.2, label=policy)
         full = [s["score"] for s in rows if s["policy"] == BASELINE]
         if full:
-            ax.axhline(full[0], color="k", linestyle="--", label="full cache")
+            ax.axhline(full[0], color="k", linestyle=":", label="full cache")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("budget M (head-slots per layer and KV head)")
+        ax.set_xlabel("budget M (KV entries per layer and KV head, + buffer B)")
         ax.set_ylabel("RULER score")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{length} tokens, gates: {Path(str(result['gates'])).name}")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

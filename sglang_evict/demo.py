@@ -5,11 +5,11 @@ whose history hits the radix (prefix) cache, and an `sgl.function` program throu
 frontend language. Each answer is printed with its prompt and cached token counts.
 
 Then eviction at work, with the radix cache on: a second server whose KV pool holds EVICT_POOL
-tokens at full size serves one greedy generation of twice that, with the retention policy (the
-packaged gates on the default model) at M = EVICT_BUDGET, then follow-up turns that resend the
-whole conversation (longer than the pool): the radix cache serves them from the compressed
-history the earlier turns left. Each turn prints its cached tokens and the KV it held against
-the full cache.
+tokens at full size serves one greedy generation of twice that, with the retention-global policy
+(DBTrimKV: the packaged gates of the default model, one budget for all layers and heads) at
+M = EVICT_BUDGET, then follow-up turns that resend the whole conversation (longer than the
+pool): the radix cache serves them from the compressed history the earlier turns left. Each turn
+prints its cached tokens and the KV it held against the full cache.
 """
 
 from __future__ import annotations
@@ -178,12 +178,12 @@ def main(argv: list[str]) -> int:
 
 def eviction_demo(argv: list[str]) -> int:
     server = _start([
-        "--evict-policy", "retention", "--evict-budget", str(EVICT_BUDGET),
+        "--evict-policy", "retention-global", "--evict-budget", str(EVICT_BUDGET),
         "--max-total-tokens", str(EVICT_POOL), "--enable-cache-report", *argv,
     ])
     try:
         print(f"== eviction with the radix cache: {EVICT_NEW_TOKENS} new tokens in a KV pool of "
-              f"{EVICT_POOL} tokens (retention, M = {EVICT_BUDGET}), then follow-up turns ==")
+              f"{EVICT_POOL} tokens (retention-global, M = {EVICT_BUDGET}), then follow-up turns ==")
         run = eviction_run(server.url)
         print(f"generated: {run['completion_tokens']} tokens after a {run['prompt_tokens']}-token "
               f"prompt: {run['text'][:160].strip()!r} ...")

@@ -35,7 +35,11 @@ CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
 # Trained gates for the default model (SmolLM2-135M-Instruct, DBTrimKV shared projection, trained
 # at budget M=128 by `sglang-evict train`; package data).
-DEFAULT_GATES = Path(__file__).parent / "default_gates" / "smollm2_135m_instruct_m128.safetensors"
+# DBTrimKV gates (one projection shared by all layers): their scores are on one scale, which
+# retention-global's single budget needs. The per-layer TrimKV gates stay beside them.
+DEFAULT_GATES = (
+    Path(__file__).parent / "default_gates" / "smollm2_135m_instruct_dbtrimkv_m128.safetensors"
+)
 
 CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--device", "cpu"),

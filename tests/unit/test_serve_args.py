@@ -120,3 +120,24 @@ def test_eviction_sizes_fit_the_pool(default_model_path, monkeypatch, capsys):
     with pytest.raises(serve.StartupError, match="exceeds half the physical pool"):
         _evict_argv(default_model_path, monkeypatch, "--disable-radix-cache",
                     "--max-total-tokens", "1024", "--chunked-prefill-size", "600")
+
+
+def test_shipped_default_gates_are_dbtrimkv_and_served_by_default(default_model_path, monkeypatch):
+    """The packaged default gates load against the default model, have one projection shared by
+    all layers (DBTrimKV), and are what a retention policy on the default model serves when no
+    --evict-gates is given (the real start-up check loads them)."""
+    import json
+
+    from sglang_evict.gate_checkpoint import load_gates_for_model, read_gate_header
+
+    hf = json.loads((default_model_path / "config.json").read_text())
+    gates = load_gates_for_model(serve.DEFAULT_GATES, hf)
+    assert gates.config.shared_projection is True
+    assert read_gate_header(serve.DEFAULT_GATES).config.shared_projection is True
+    assert gates.config.num_layers == hf["num_hidden_layers"]
+    monkeypatch.setattr(serve, "cuda_available", lambda: False)
+    monkeypatch.setattr(serve, "check_port", lambda host, port: None)
+    for policy in ("retention-global", "retention"):
+        config, _ = serve.prepare_argv(["--evict-policy", policy, "--evict-budget", "64",
+                                        "--disable-radix-cache"])
+        assert config.gates == str(serve.DEFAULT_GATES)

@@ -361,3 +361,25 @@ def test_answer_tokens_weigh_answer_weight(tiny_model_dir, tmp_path):
     assert essay["answer_start"] is None
     with pytest.raises(tr.TrainConfigError, match="answer_weight"):
         _config(tiny_model_dir, tmp_path / "x", answer_weight=0)
+
+
+def test_shipped_dbtrimkv_config_describes_the_served_default_gates():
+    """The default gates (DBTrimKV) were written by their committed config: same file, gate
+    shape, data and hard-eviction settings in the file's header."""
+    from sglang_evict import serve
+
+    root = Path(__file__).resolve().parents[2]
+    config = tr.load_config(root / "configs" / "train_smollm2_dbtrimkv_m128.toml")
+    assert (root / config.export).resolve() == serve.DEFAULT_GATES.resolve()
+    header = read_gate_header(serve.DEFAULT_GATES)
+    assert (config.budget, config.gate_hidden, config.variant, config.shared_projection) == (
+        header.config.budget, header.config.gate_hidden, header.config.variant, True,
+    )
+    assert (header.training["tasks"], header.training["lengths"], header.training["seed"]) == (
+        config.tasks, config.lengths, config.seed,
+    )
+    assert header.training["method"] == "DBTrimKV (shared projection)"
+    assert config.hard_eviction and config.eviction_policy == "retention-global"
+    assert (f"hard eviction ({config.eviction_policy}, M={config.budget}, "
+            f"B={config.eviction_buffer}, sinks={config.eviction_sinks}") in header.training["loss"]
+    assert header.training["distilled"]["from"] == config.distill_from

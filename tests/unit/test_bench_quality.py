@@ -1,0 +1,97 @@
+"""bench/quality.py: what a rerun with new gates may take from an earlier run, which systems
+the headline cells pick, and the request a cell sends."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+SETTINGS = {"buffer": 32, "chunk": 1024, "concurrency": 3, "kvpress": ["kvpress==0.5.5"]}
+SYSTEMS = [("full", None), ("retention-global", 128), ("retention-global+la1", 128),
+           ("retention", 128), ("streaming", 128), ("kvpress:snapkv", 128), ("kvpress:full", None)]
+
+
+def _samples():
+    return [{"task": "niah_single_1", "length": 2048, "index": i, "outputs": [str(1000 + i)]}
+            for i in range(2)]
+
+
+def _earlier(tmp_path, settings=SETTINGS):
+    rows = [{"task": s["task"], "length": s["length"], "index": s["index"], "policy": p,
+             "budget": m, "outputs": s["outputs"], "score": 1.0, "kv_kept_fraction": 0.1}
+            for s in _samples() for p, m in SYSTEMS]
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({"settings": settings, "rows": rows}))
+    return path
+
+
+def test_reuse_takes_every_row_that_does_not_read_the_gates(tmp_path, quality):
+    rows = quality.earlier_rows(_earlier(tmp_path), SETTINGS, _samples())
+    taken = {(k[3], k[4]) for k in rows}
+    assert taken == {("full", None), ("streaming", 128), ("kvpress:snapkv", 128),
+                     ("kvpress:full", None)}
+    assert len(rows) == 2 * len(taken)
+
+
+def test_reuse_refuses_other_settings_or_prompts(tmp_path, quality):
+    path = _earlier(tmp_path, dict(SETTINGS, buffer=16))
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.earlier_rows(path, SETTINGS, _samples())
+    changed = _samples()
+    changed[0]["outputs"] = ["999"]
+    with pytest.raises(SystemExit, match="another prompt"):
+        quality.earlier_rows(_earlier(tmp_path), SETTINGS, changed)
+
+
+def test_best_system_is_the_highest_mean_at_the_headline_budgets(quality):
+    def row(p, m, score, length=2048):
+        return {"length": length, "policy": p, "budget": m, "score": score}
+
+    rows = [row("streaming", 128, 0.0), row("streaming", 256, 0.5), row("random", 128, 0.25),
+            row("random", 256, 0.25), row("knorm", 128, 1.0), row("knorm", 512, 1.0),
+            row("knorm", 256, 0.0, length=4096)]
+    # knorm's 512 row and its other length do not count: at 128 and 256 it has one row, 1.0.
+    assert quality.best(rows, 2048, ["streaming", "random", "knorm"], [128, 256]) == "knorm"
+    assert quality.best(rows, 2048, ["streaming", "random"], [128, 256]) == "streaming"
+    assert quality.best(rows, 2048, ["streaming", "random"], [128]) == "random"
+    # a tie goes to the system listed first
+    assert quality.best(rows, 2048, ["random", "streaming"], [128, 256]) == "random"
+    assert quality.best(rows, 2048, ["knorm"], [64]) is None
+
+
+def test_a_cell_sends_its_lookahead(quality):
+    ruler = quality.ruler
+    assert ruler.override("retention-global+la1", 128, 32) == {
+        "policy": "retention-global", "budget": 128, "buffer": 32, "lookahead": 1}
+    assert ruler.override("retention", 64, 16) == {"policy": "retention", "budget": 64, "buffer": 16}
+    assert ruler.override("full", None, 32) == {"policy": "none"}
+    assert quality.reads_gates("retention-global+la1") and not quality.reads_gates("kvpress:knorm")
+
+
+def test_summary_reads_kvpress_rows_too(quality):
+    rows = [{"task": "niah_single_1", "length": 2048, "index": i, "policy": "kvpress:snapkv",
+             "budget": 128, "score": float(i % 2), "kv_kept_fraction": 0.08} for i in range(4)]
+    (cell,) = quality.ruler.summarize(rows, [2048], [("kvpress:snapkv", 128), ("full", None)],
+                                      ["niah_single_1"])
+    assert (cell["n"], cell["score"], cell["kv_kept_fraction"]) == (4, 0.5, 0.08)
+    lo, hi = cell["ci95"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0
