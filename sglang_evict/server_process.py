@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class ServerStartError(RuntimeError):
     pass
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_servers_on_sigterm() -> None:
+    """Make SIGTERM unwind the stack (SystemExit), so `with ServerProcess(...)` and `finally:
+    server.stop()` stop the server: it runs in its own session, and Python's default SIGTERM
+    exit would leave it, its scheduler and detokenizer running. Only where the process has no
+    handler of its own, and only from the main thread (where handlers can be set)."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 class ServerProcess:
@@ -63,6 +78,7 @@ class ServerProcess:
         ]
 
     def start(self) -> "ServerProcess":
+        stop_servers_on_sigterm()
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "wb")
