@@ -273,7 +273,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("budget M (KV entries per layer and KV head, + buffer B)")
         ax.set_ylabel("RULER score")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{length} tokens, gates: {Path(str(result['gates'])).name}")
+        ax.set_title(f"{length} tokens, gates: {Path(str(result['gates'])).name}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
