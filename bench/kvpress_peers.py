@@ -20,9 +20,9 @@ and published for other models; they are not run.
     bench/.venv-kvpress/bin/python -P bench/kvpress_peers.py --model DIR --samples S.jsonl \\
         --budgets 128 256 --out rows.jsonl
 
-Rows are appended as they finish (a rerun skips the rows already in --out): task, length, index,
-policy ("kvpress:<press>" or "kvpress:full"), budget, prediction, prompt_tokens,
-kv_kept_fraction.
+Rows are appended as they finish (a rerun skips the rows already in --out for the same buffer):
+task, length, index, policy ("kvpress:<press>" or "kvpress:full"), budget, buffer, prediction,
+prompt_tokens, compression_ratio, kv_kept_fraction.
 """
 
 from __future__ import annotations
@@ -111,10 +111,6 @@ class SharedPrefill:
                 cache.update(keys.clone(), values.clone(), i)
         return cache, kept / total
 
-    def clear_masks(self) -> None:
-        for module in self.layers:
-            module.masked_key_indices = None
-
 
 def greedy(model, cache, last_id: int, position: int, max_new_tokens: int, stop: set[int]) -> list[int]:
     import torch
@@ -153,20 +149,24 @@ def main(argv=None) -> int:
     stop = model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop])
     out = Path(args.out)
+
+    def key(s: dict, policy: str, budget, buffer: int) -> tuple:
+        return (s["task"], s["length"], s["index"], policy, budget, buffer)
+
     done = set()
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["task"], r["length"], r["index"], r["policy"], r["budget"]))
+            done.add(key(r, r["policy"], r["budget"], r.get("buffer")))
     samples = [json.loads(x) for x in Path(args.samples).read_text().splitlines() if x.strip()]
     todo = sum(1 for s in samples for press, m in s["cells"]
-               if (s["task"], s["length"], s["index"], f"kvpress:{press}", m) not in done)
+               if key(s, f"kvpress:{press}", m, args.buffer) not in done)
     print(f"kvpress peers: {len(samples)} prompts, {todo} rows to run", flush=True)
     t0, ran = time.time(), 0
     with open(out, "a") as f:
         for s in samples:
             cells = [(press, m) for press, m in s["cells"]
-                     if (s["task"], s["length"], s["index"], f"kvpress:{press}", m) not in done]
+                     if key(s, f"kvpress:{press}", m, args.buffer) not in done]
             if not cells:
                 continue
             ids = tok.encode(s["input"])
@@ -177,11 +177,10 @@ def main(argv=None) -> int:
                 press = None if press_name == "full" else make_press(press_name, ratio)
                 cache, kept = prefill.compressed(press)
                 answer = greedy(model, cache, ids[-1], len(ids) - 1, s["tokens_to_generate"], stop)
-                prefill.clear_masks()
                 generated = len(answer)
                 row = {
                     "task": s["task"], "length": s["length"], "index": s["index"],
-                    "policy": f"kvpress:{press_name}", "budget": m,
+                    "policy": f"kvpress:{press_name}", "budget": m, "buffer": args.buffer,
                     "prediction": tok.decode(answer, skip_special_tokens=True),
                     "prompt_tokens": len(ids), "compression_ratio": ratio,
                     # Kept at the end as a share of the full cache at the end (prompt + answer).

@@ -50,14 +50,9 @@ from sglang_evict.serve import DEFAULT_GATES  # noqa: E402
 
 PRESSES = ("snapkv", "streamingllm", "expected_attention", "knorm", "adakv")
 TRAINING_FREE = ("streaming", "random", "knorm")
-GATED = ("retention-global", "retention")
 KVPRESS = ("kvpress==0.5.5", "transformers==5.2.0")
 PEER_VENV = Path(__file__).resolve().parent / ".venv-kvpress"
 DEFAULT_TASKS = ("niah_single_1", "niah_multikey_1", "niah_multivalue", "multiturn_recall")
-
-
-def reads_gates(policy: str) -> bool:
-    return policy.partition("+la")[0] in GATED
 
 
 def ensure_peer_venv(path: Path = PEER_VENV) -> Path:
@@ -107,18 +102,14 @@ def run_peers(samples_cells: list[tuple[dict, list]], model: Path, buffer: int, 
     rows = []
     for line in rows_path.read_text().splitlines():
         r = json.loads(line)
-        key = (r["task"], r["length"], r["index"], r["policy"], r["budget"])
-        if key not in wanted:
+        key = key_of(r)
+        if key not in wanted or r.get("buffer") != buffer:
             continue
         s = by_key[key[:3]]
         r["outputs"] = s["outputs"]
         r["score"] = score_sample(s["task"], r["prediction"], s["outputs"])
         rows.append(r)
     return rows
-
-
-def key(sample: dict, policy: str, budget) -> tuple:
-    return (sample["task"], sample["length"], sample["index"], policy, budget)
 
 
 def earlier_rows(path: Path, settings: dict, samples: list[dict]) -> dict[tuple, dict]:
@@ -131,7 +122,7 @@ def earlier_rows(path: Path, settings: dict, samples: list[dict]) -> dict[tuple,
     rows = {}
     for r in earlier["rows"]:
         k = (r["task"], r["length"], r["index"])
-        if reads_gates(r["policy"]) or k not in outputs:
+        if ruler.reads_gates(r["policy"]) or k not in outputs:
             continue
         if r["outputs"] != outputs[k]:
             raise SystemExit(f"--reuse {path}: {k} is another prompt there")
@@ -143,12 +134,12 @@ def measure(jobs: list[tuple[dict, str, int | None]], server, args, model: Path,
             have: dict[tuple, dict]) -> list[dict]:
     """Rows for the (sample, system, M) jobs not in `have`: server jobs on the server, kvpress
     jobs in the peer environment."""
-    todo = [j for j in jobs if key(*j) not in have]
+    todo = [j for j in jobs if ruler.cell_key(*j) not in have]
     ours = [j for j in todo if not j[1].startswith("kvpress:")]
     peers: dict[tuple, tuple[dict, list]] = {}
     for s, p, m in todo:
         if p.startswith("kvpress:"):
-            peers.setdefault(key(s, "", None)[:3], (s, []))[1].append((p, m))
+            peers.setdefault((s["task"], s["length"], s["index"]), (s, []))[1].append((p, m))
     print(f"{len(ours)} server requests, {len(todo) - len(ours)} kvpress rows", flush=True)
     rows = ruler.serve_rows(server, ours, args.buffer, args.concurrency) if ours else []
     rows += run_peers(list(peers.values()), model, args.buffer, work)
@@ -195,7 +186,6 @@ def run(args) -> dict:
 
     first = [("full", None)] + [(p, m) for p in systems for m in args.budgets]
     first += [("kvpress:full", None)] if args.presses else []
-    first += [("retention-global", m) for m in args.headline_budgets]
     t0 = time.time()
     log = out.with_suffix(".server.log")
     rows: list[dict] = []
@@ -204,7 +194,7 @@ def run(args) -> dict:
         # Pass 1: every cell at n; the headline cells that do not depend on it at headline n.
         fixed = [("full", None)] + [("retention-global", m) for m in args.headline_budgets]
         jobs = jobs_for(first, args.n) + jobs_for(fixed, headline_n)
-        jobs = list({key(*j): j for j in jobs}.values())
+        jobs = list({ruler.cell_key(*j): j for j in jobs}.values())
         rows += measure(jobs, server, args, model, work, have)
         have.update({key_of(r): r for r in rows})
         # Pass 2: the best training-free policy and the best press per length, at headline n.
@@ -240,7 +230,7 @@ def run(args) -> dict:
 
 
 def key_of(r: dict) -> tuple:
-    return (r["task"], r["length"], r["index"], r["policy"], r["budget"])
+    return ruler.cell_key(r, r["policy"], r["budget"])
 
 
 def table(result: dict) -> str:

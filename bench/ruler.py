@@ -42,6 +42,7 @@ BASELINE = "full"
 POLICIES = ("retention-global", "retention", "streaming", "random", "knorm")
 # The cells whose requests never read the gates' scores.
 GATE_FREE = (BASELINE, "streaming", "random", "knorm")
+GATED = ("retention-global", "retention")
 DEFAULT_TASKS = ("niah_single_1", "niah_multikey_1", "niah_multivalue", "vt")
 
 
@@ -89,7 +90,12 @@ def override(policy: str, budget: int | None, buffer: int) -> dict:
     return fields
 
 
-def _cell_key(sample: dict, policy: str, budget: int | None) -> tuple:
+def reads_gates(policy: str) -> bool:
+    """Whether a cell's requests are scored by the gates ("retention-global+la1" too)."""
+    return policy.partition("+la")[0] in GATED
+
+
+def cell_key(sample: dict, policy: str, budget: int | None) -> tuple:
     """One request's identity: (task, length, index, policy, budget). Rows carry all five."""
     return (sample["task"], sample["length"], sample["index"], policy, budget)
 
@@ -108,12 +114,12 @@ def reusable_rows(path: Path, samples: list[dict], grid: list, buffer: int,
     if earlier["buffer"] != buffer or without_gates(earlier["server_args"]) != without_gates(server_args):
         raise SystemExit(f"--reuse {path}: it ran with other server settings "
                          f"({earlier['server_args']}, buffer {earlier['buffer']})")
-    by_key = {_cell_key(r, r["policy"], r["budget"]): r for r in earlier["rows"]}
+    by_key = {cell_key(r, r["policy"], r["budget"]): r for r in earlier["rows"]}
     wanted = {(p, m) for p, m in grid if p in GATE_FREE}
     reused = {}
     for s in samples:
         for p, m in wanted:
-            key = _cell_key(s, p, m)
+            key = cell_key(s, p, m)
             row = by_key.get(key)
             if row is None:
                 continue
@@ -221,7 +227,7 @@ def run(args) -> dict:
     server_args = server_args_for(gates, args.budgets, args.buffer, pool, args.concurrency,
                                   args.chunk)
     reused = reusable_rows(Path(args.reuse), samples, grid, args.buffer, server_args) if args.reuse else {}
-    jobs = [j for j in jobs if _cell_key(*j) not in reused]
+    jobs = [j for j in jobs if cell_key(*j) not in reused]
     print(f"{len(samples)} prompts x {len(grid)} cells: {len(jobs)} requests, {len(reused)} rows "
           f"reused from {args.reuse}; pool {pool} tokens", flush=True)
 
@@ -262,10 +268,9 @@ def plot(result: dict, path: Path) -> None:
         rows = [s for s in result["summary"] if s["length"] == length]
         for policy in sorted({s["policy"] for s in rows if s["budget"] is not None}):
             pts = sorted((s["budget"], s["score"]) for s in rows if s["policy"] == policy)
-            gated = policy.partition("+la")[0] in ("retention-global", "retention")
             ax.plot([p[0] for p in pts], [p[1] for p in pts],
                     "--" if policy.startswith("kvpress:") else "-", marker="o",
-                    lw=2.5 if gated else 1.2, label=policy)
+                    lw=2.5 if reads_gates(policy) else 1.2, label=policy)
         full = [s["score"] for s in rows if s["policy"] == BASELINE]
         if full:
             ax.axhline(full[0], color="k", linestyle=":", label="full cache")

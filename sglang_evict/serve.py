@@ -33,9 +33,8 @@ from sglang_evict.patches import evict_refusals
 # free RAM (about 14 GiB of KV for the default model), which also makes start-up take ~25 s.
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
-# Trained gates for the default model (SmolLM2-135M-Instruct, DBTrimKV shared projection, trained
-# at budget M=128 by `sglang-evict train`; package data).
-# DBTrimKV gates (one projection shared by all layers): their scores are on one scale, which
+# Trained gates for the default model (SmolLM2-135M-Instruct, M=128, `sglang-evict train`; package
+# data): DBTrimKV, one projection shared by all layers, so their scores are on one scale, which
 # retention-global's single budget needs. The per-layer TrimKV gates stay beside them.
 DEFAULT_GATES = (
     Path(__file__).parent / "default_gates" / "smollm2_135m_instruct_dbtrimkv_m128.safetensors"

@@ -84,7 +84,7 @@ def test_a_cell_sends_its_lookahead(quality):
         "policy": "retention-global", "budget": 128, "buffer": 32, "lookahead": 1}
     assert ruler.override("retention", 64, 16) == {"policy": "retention", "budget": 64, "buffer": 16}
     assert ruler.override("full", None, 32) == {"policy": "none"}
-    assert quality.reads_gates("retention-global+la1") and not quality.reads_gates("kvpress:knorm")
+    assert ruler.reads_gates("retention-global+la1") and not ruler.reads_gates("kvpress:knorm")
 
 
 def test_summary_reads_kvpress_rows_too(quality):
