@@ -26,6 +26,7 @@ from pathlib import Path
 import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ is not on it
 from server_plot import plot_servers  # noqa: E402
+from side_by_side import add_pair_arguments, pair_server_args, write_pair  # noqa: E402
 
 
 def _streamed(url: str, input_ids: list[int], new_tokens: int) -> dict | None:
@@ -136,31 +137,17 @@ def main(argv=None) -> int:
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--user-tokens", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--fraction", type=float, default=0.25,
-                   help="the pool as a share of the sessions' full-size histories")
-    p.add_argument("--policy", default="retention-global")
-    p.add_argument("--budget", type=int, default=32)
-    p.add_argument("--buffer", type=int, default=16)
+    add_pair_arguments(p, budget=32, what="the sessions' histories")
     p.add_argument("--out", default="bench/results/multi_turn.json")
     args = p.parse_args(argv)
     full = args.sessions * args.turns * (args.user_tokens + args.new_tokens)
     pool = max(int(full * args.fraction), args.turns * (args.user_tokens + args.new_tokens) + 64)
-    common = ["--max-total-tokens", str(pool), "--enable-cache-report"]
-    servers = {
-        "vanilla": common,
-        f"{args.policy} M={args.budget}": common + [
-            "--evict-policy", args.policy, "--evict-budget", str(args.budget),
-            "--evict-buffer", str(args.buffer)],
-    }
+    servers = pair_server_args(pool, args)
     results = {"sessions": args.sessions, "turns": args.turns, "user_tokens": args.user_tokens,
                "new_tokens": args.new_tokens, "full_size_tokens": full, "pool_tokens": pool,
                "servers": {name: run_server(name, sargs, args) for name, sargs in servers.items()}}
     names = list(results["servers"])
-    base, ours = (results["servers"][n] for n in names)
-    results["ratio_requests_per_s"] = ours["requests_per_s"] / base["requests_per_s"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = write_pair(results, ("requests_per_s",), args.out)
     plot(results, out.with_suffix(".png"))
     print(f"{names[1]} / vanilla requests/s: {results['ratio_requests_per_s']:.2f}")
     return 0

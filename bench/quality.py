@@ -25,7 +25,8 @@ those budgets, the best training-free policy and the best press. 95% bootstrap i
 
 `--reuse EARLIER.json` takes every row that does not read the gates (full, streaming, random,
 knorm, every kvpress row) from an earlier run with the same prompts and settings, so new gates
-cost only the retention cells. `--quick` is a smoke run (one length, two tasks, one sample,
+cost only the retention cells; when the earlier run served the same gate file (sha256), its
+retention rows are taken too, so adding budgets or samples costs only the new rows. `--quick` is a smoke run (one length, two tasks, one sample,
 M = 128; a few minutes).
 
     .venv/bin/python -P bench/quality.py --out bench/results/quality.json
@@ -112,17 +113,20 @@ def run_peers(samples_cells: list[tuple[dict, list]], model: Path, buffer: int, 
     return rows
 
 
-def earlier_rows(path: Path, settings: dict, samples: list[dict]) -> dict[tuple, dict]:
-    """The gate-free rows of an earlier run with the same settings, on the same prompts."""
+def earlier_rows(path: Path, settings: dict, samples: list[dict],
+                 gates_sha256: str | None = None) -> dict[tuple, dict]:
+    """The rows of an earlier run with the same settings, on the same prompts: the gate-free
+    ones, and the ones that read the gates too when it served the gates of `gates_sha256`."""
     earlier = json.loads(path.read_text())
     if earlier["settings"] != settings:
         raise SystemExit(f"--reuse {path}: it ran with other settings "
                          f"({earlier['settings']} vs {settings})")
+    same_gates = gates_sha256 is not None and earlier.get("gates_sha256") == gates_sha256
     outputs = {(s["task"], s["length"], s["index"]): s["outputs"] for s in samples}
     rows = {}
     for r in earlier["rows"]:
         k = (r["task"], r["length"], r["index"])
-        if ruler.reads_gates(r["policy"]) or k not in outputs:
+        if (ruler.reads_gates(r["policy"]) and not same_gates) or k not in outputs:
             continue
         if r["outputs"] != outputs[k]:
             raise SystemExit(f"--reuse {path}: {k} is another prompt there")
@@ -178,7 +182,8 @@ def run(args) -> dict:
     samples = {(length, task): build_eval_set(task, length, headline_n)
                for length in args.lengths for task in args.tasks}
     every = [s for v in samples.values() for s in v]
-    have = earlier_rows(Path(args.reuse), settings, every) if args.reuse else {}
+    gates_sha256 = hashlib.sha256(Path(gates).read_bytes()).hexdigest()
+    have = earlier_rows(Path(args.reuse), settings, every, gates_sha256) if args.reuse else {}
     reused = len(have)
 
     def jobs_for(cells, n):
@@ -214,7 +219,7 @@ def run(args) -> dict:
     grid = [("full", None), ("kvpress:full", None)] + [(p, m) for p in systems for m in budgets]
     result = {
         "benchmark": "quality", "gates": gates,
-        "gates_sha256": hashlib.sha256(Path(gates).read_bytes()).hexdigest(),
+        "gates_sha256": gates_sha256,
         "tasks": list(args.tasks), "lengths": list(args.lengths), "n_per_task": args.n,
         "headline_n_per_task": headline_n, "headline_budgets": list(args.headline_budgets),
         "picked": {str(k): v for k, v in picked.items()}, "settings": settings,

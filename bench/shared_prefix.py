@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ is not on it
 from server_plot import plot_servers  # noqa: E402
+from side_by_side import add_pair_arguments, pair_server_args, write_pair  # noqa: E402
 
 KEEP = ("completed", "duration", "request_throughput", "output_throughput", "median_ttft_ms",
         "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "concurrency")
@@ -72,11 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--system-len", type=int, default=1024)
     p.add_argument("--question-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--fraction", type=float, default=0.25,
-                   help="the pool as a share of the workload at full size")
-    p.add_argument("--policy", default="retention-global")
-    p.add_argument("--budget", type=int, default=64)
-    p.add_argument("--buffer", type=int, default=16)
+    add_pair_arguments(p, budget=64, what="the workload")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="bench/results/shared_prefix.json")
     args = p.parse_args(argv)
@@ -88,24 +85,13 @@ def main(argv=None) -> int:
     # at least one request at full size must fit, or vanilla could not serve at all
     pool = max(int(full * args.fraction),
                args.system_len + args.question_len + args.output_len + 64)
-    common = ["--max-total-tokens", str(pool), "--enable-cache-report"]
-    servers = {
-        "vanilla": common,
-        f"{args.policy} M={args.budget}": common + [
-            "--evict-policy", args.policy, "--evict-budget", str(args.budget),
-            "--evict-buffer", str(args.buffer)],
-    }
+    servers = pair_server_args(pool, args)
     results = {"groups": args.groups, "prompts_per_group": args.prompts_per_group,
                "system_len": args.system_len, "question_len": args.question_len,
                "output_len": args.output_len, "full_size_tokens": full, "pool_tokens": pool,
                "servers": {n: run_server(n, s, args, model) for n, s in servers.items()}}
     names = list(results["servers"])
-    base, ours = (results["servers"][n] for n in names)
-    for key in ("request_throughput", "output_throughput"):
-        results[f"ratio_{key}"] = ours[key] / base[key]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = write_pair(results, ("request_throughput", "output_throughput"), args.out)
     plot_servers(results["servers"], {
         "request_throughput": "requests/s", "output_throughput": "output tokens/s",
         "p99_ttft_ms": "p99 TTFT (ms)", "p99_itl_ms": "p99 ITL (ms)",

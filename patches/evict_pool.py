@@ -6,7 +6,8 @@
 - MHATokenToKVPool._create_buffers (AROUND): SGLang's per-layer K/V buffers become placeholders
   (upstream's NoOp pool layout); nothing reads them, the sglang_evict backend owns the KV.
 - ModelRunner.alloc_memory_pool (AFTER): build the HeadKVCache, after checking that the model's
-  attention is one the kernels implement and that one step always fits.
+  attention is one the kernels implement, capping the running requests the user left open to
+  what the pool holds at budget, and checking that one step always fits.
 (DefaultPoolConfigurator._compute_cell_size, in gate_attach, adds the head-slot metadata and the
 virtual map to the per-token cost, so one memory budget covers everything.)
 """
@@ -102,6 +103,7 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
         debug_check=bool(cfg.debug_check),
         use_triton=cfg.use_triton(pool.device),
     )
+    _fit_running(runner, evictor is not None, n)
     _check_fits(runner, state, n)
     _state.cache = state
     _state.runner = runner
@@ -113,6 +115,26 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
         "per request)" if evictor is not None else "",
     )
     return result
+
+
+def _fit_running(runner, evicting: bool, n: int) -> None:
+    """Where the user left --max-running-requests open and SGLang sized the pool itself (from
+    memory, e.g. --mem-fraction-static), cap the running requests as `serve` does for a given
+    pool: every one can hold its budget beside a prefill chunk. SGLang's own default (about half
+    the pool's tokens) assumes nothing is evicted and would fail the fit check below."""
+    from sglang_evict.serve import default_running
+
+    sa = runner.server_args
+    chunk = sa.chunked_prefill_size
+    if not evicting or sa.max_running_requests is not None or not chunk or chunk > n // 2:
+        return  # set by the user (checked below), or a chunk _check_fits refuses
+    fit = default_running(config(), n, chunk)
+    if fit < runner.max_running_requests:
+        logger.info("sglang-evict: pool of %d tokens at full size: max running requests %d "
+                    "(SGLang's default %d)", n, fit, runner.max_running_requests)
+        runner.max_running_requests = fit
+        if getattr(runner, "memory_pool_config", None) is not None:
+            runner.memory_pool_config.max_running_requests = fit
 
 
 def _check_fits(runner, state, n: int) -> None:

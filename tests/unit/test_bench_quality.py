@@ -35,12 +35,13 @@ def _samples():
             for i in range(2)]
 
 
-def _earlier(tmp_path, settings=SETTINGS):
+def _earlier(tmp_path, settings=SETTINGS, gates_sha256="a" * 64):
     rows = [{"task": s["task"], "length": s["length"], "index": s["index"], "policy": p,
              "budget": m, "outputs": s["outputs"], "score": 1.0, "kv_kept_fraction": 0.1}
             for s in _samples() for p, m in SYSTEMS]
     path = tmp_path / "earlier.json"
-    path.write_text(json.dumps({"settings": settings, "rows": rows}))
+    path.write_text(json.dumps({"settings": settings, "gates_sha256": gates_sha256,
+                                "rows": rows}))
     return path
 
 
@@ -50,6 +51,15 @@ def test_reuse_takes_every_row_that_does_not_read_the_gates(tmp_path, quality):
     assert taken == {("full", None), ("streaming", 128), ("kvpress:snapkv", 128),
                      ("kvpress:full", None)}
     assert len(rows) == 2 * len(taken)
+
+
+def test_reuse_takes_the_gated_rows_only_from_a_run_of_the_same_gate_file(tmp_path, quality):
+    other = quality.earlier_rows(_earlier(tmp_path), SETTINGS, _samples(), "b" * 64)
+    assert {(k[3], k[4]) for k in other} == {("full", None), ("streaming", 128),
+                                             ("kvpress:snapkv", 128), ("kvpress:full", None)}
+    same = quality.earlier_rows(_earlier(tmp_path), SETTINGS, _samples(), "a" * 64)
+    assert {(k[3], k[4]) for k in same} == set(SYSTEMS)
+    assert len(same) == 2 * len(SYSTEMS)
 
 
 def test_reuse_refuses_other_settings_or_prompts(tmp_path, quality):

@@ -132,6 +132,40 @@ def test_start_up_refuses_pools_one_step_could_outgrow():
     _check_fits(runner, _cache(64, policy=None), 64)  # nothing protected without an evictor
 
 
+def test_start_up_caps_running_requests_the_user_left_open_to_the_budget_fit(monkeypatch):
+    """A pool SGLang sized itself (e.g. --mem-fraction-static) with SGLang's default running
+    requests: capped to (pool - chunk) // (M + B + 1), what `serve` chooses for a given pool; a
+    value the user set is left to the fit check."""
+    from sglang_evict.config import EvictConfig
+    from sglang_evict.patches import evict_pool, evict_state
+
+    cfg = EvictConfig(policy="retention-global", budget=8, buffer=7, sinks=2)
+    monkeypatch.setattr(evict_state._state, "config", cfg)
+
+    def runner(user, default):
+        return SimpleNamespace(
+            server_args=SimpleNamespace(chunked_prefill_size=100, max_running_requests=user),
+            max_running_requests=default,
+            memory_pool_config=SimpleNamespace(max_running_requests=default))
+
+    r = runner(None, 500)
+    with pytest.raises(evict_state.HeadEvictError, match="lower --max-running-requests"):
+        evict_pool._check_fits(r, _cache(64, sinks=2), 1000)  # 500 x 3 protected + 100 > 1000
+    evict_pool._fit_running(r, True, 1000)
+    assert r.max_running_requests == (1000 - 100) // (8 + 7 + 1) == 56
+    assert r.memory_pool_config.max_running_requests == 56
+    evict_pool._check_fits(r, _cache(64, sinks=2), 1000)  # now fits
+    small = runner(None, 20)
+    evict_pool._fit_running(small, True, 1000)
+    assert small.max_running_requests == 20  # never raised above SGLang's own
+    user = runner(500, 500)
+    evict_pool._fit_running(user, True, 1000)
+    assert user.max_running_requests == 500
+    off = runner(None, 500)
+    evict_pool._fit_running(off, False, 1000)
+    assert off.max_running_requests == 500
+
+
 def test_prefill_admission_counts_the_physical_pool(monkeypatch):
     """SGLang admits prefills against its oversubscribed virtual pool; the hooks admit a request
     only when its next chunk fits the whole tokens free or reclaimable in the physical pool, and
