@@ -6,8 +6,8 @@
   the physical pool after reclaiming evictable head-slots, else SGLang retracts (eviction always
   comes first; retraction only when eviction cannot make room).
 - PrefillAdder.__init__ (AFTER) / add_one_req / add_chunked_req (AROUND): a prefill round counts
-  the physical tokens free or reclaimable; a request whose next chunk does not fit waits, so
-  admission never outgrows the pool.
+  the physical tokens free or reclaimable, less the decode tokens a mixed chunk carries; a
+  request whose next chunk does not fit waits, so admission never outgrows the pool.
 """
 
 from __future__ import annotations
@@ -58,11 +58,24 @@ def physical_tokens_available(state) -> int:
 
 
 def after_prefill_adder_init(result, adder, *args, **kwargs):
-    # The physical tokens this prefill round may still use (the adder lives for one round).
+    # The physical tokens this prefill round may still use (the adder lives for one round),
+    # less one per running request a mixed chunk (--enable-mixed-chunk) decodes beside it.
     state = _state.cache
     if state is not None:
-        adder._evict_tokens_left = physical_tokens_available(state)
+        mixed = _mixed_decode_tokens(args, kwargs)
+        adder._evict_tokens_left = physical_tokens_available(state) - mixed
     return result
+
+
+# PrefillAdder.__init__(page_size, tree_cache, allocator, running_batch, new_token_ratio,
+# rem_input_tokens, rem_chunk_tokens, num_mixed_decode_tokens=0, ...)
+_MIXED_POSITION = 7
+
+
+def _mixed_decode_tokens(args: tuple, kwargs: dict) -> int:
+    if "num_mixed_decode_tokens" in kwargs:
+        return int(kwargs["num_mixed_decode_tokens"] or 0)
+    return int(args[_MIXED_POSITION] or 0) if len(args) > _MIXED_POSITION else 0
 
 
 def _next_chunk(adder, req) -> int:

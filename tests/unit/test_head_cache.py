@@ -213,3 +213,10 @@ def test_prefill_admission_counts_the_physical_pool(monkeypatch):
     adder = SimpleNamespace(rem_chunk_tokens=None, can_run_list=[])
     adm.after_prefill_adder_init(None, adder)
     assert adder._evict_tokens_left == 11
+    # a mixed chunk decodes one token per running request beside the prefill: SGLang passes
+    # their count to PrefillAdder, by name or in its place
+    adder = SimpleNamespace(rem_chunk_tokens=None, can_run_list=[])
+    adm.after_prefill_adder_init(None, adder, 1, None, None, None, 0.5, 100, None, 3)
+    assert adder._evict_tokens_left == 11 - 3
+    adm.after_prefill_adder_init(None, adder, num_mixed_decode_tokens=4)
+    assert adder._evict_tokens_left == 11 - 4

@@ -167,6 +167,8 @@ def test_head_evict_targets():
     assert "req.kv.cache_protected_len = len(new_indices)" in source
     # prefill admission in physical terms: what the hooks read and how SGLang admits
     assert _params(h.PREFILL_ADDER)[:1] == ["self"]
+    # the mixed chunk's decode tokens, read by name or by place (self not counted)
+    assert _params(h.PREFILL_ADDER)[1 + evict_admission._MIXED_POSITION] == "num_mixed_decode_tokens"
     assert _params(h.ADD_ONE_REQ) == ["self", "req", "has_chunked_req", "truncation_align_size"]
     assert _params(h.ADD_CHUNKED_REQ) == ["self", "req"]
     from sglang.srt.managers import scheduler
