@@ -14,6 +14,10 @@ that layer's attention ran over the full context, so the prefill's hidden states
 on the press. The runner captures each layer's inputs once and calls every press's `compress` on
 them.
 
+`--check-native` checks that claim instead of writing rows: for each cell it also runs kvpress's
+own path (the press as a context manager around a plain prefill) and compares the two caches,
+layer by layer, and the greedy answers; it exits 1 on any difference.
+
 KVzap and DMS need trained scorers from the Hugging Face hub (nvidia/KVzap-*), unreachable here
 and published for other models; they are not run.
 
@@ -112,6 +116,25 @@ class SharedPrefill:
         return cache, kept / total
 
 
+def native_cache(model, context_ids, press):
+    """kvpress's own path: its forward hooks compress every layer during a plain prefill."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        model.model(input_ids=context_ids, past_key_values=cache)
+    return cache
+
+
+def same_cache(a, b) -> bool:
+    import torch
+
+    return len(a.layers) == len(b.layers) and all(
+        x.keys.shape == y.keys.shape and torch.allclose(x.keys, y.keys, atol=1e-5)
+        and torch.allclose(x.values, y.values, atol=1e-5) for x, y in zip(a.layers, b.layers))
+
+
 def greedy(model, cache, last_id: int, position: int, max_new_tokens: int, stop: set[int]) -> list[int]:
     import torch
 
@@ -136,8 +159,12 @@ def main(argv=None) -> int:
                    "with `cells`: the [press, budget] pairs to run on each")
     p.add_argument("--buffer", type=int, default=32, help="B: a press keeps M + B per KV head")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None)
+    p.add_argument("--check-native", action="store_true",
+                   help="compare with kvpress's own forward-hook path instead of writing rows")
     args = p.parse_args(argv)
+    if not args.check_native and args.out is None:
+        p.error("--out is required (or --check-native)")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,6 +175,8 @@ def main(argv=None) -> int:
                                                  attn_implementation="sdpa").eval()
     stop = model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop])
+    if args.check_native:
+        return check_native(model, tok, args, stop)
     out = Path(args.out)
 
     def key(s: dict, policy: str, budget, buffer: int) -> tuple:
@@ -192,6 +221,33 @@ def main(argv=None) -> int:
                 ran += 1
             print(f"{ran}/{todo} rows, {time.time() - t0:.0f} s", flush=True)
     return 0
+
+
+def check_native(model, tok, args, stop) -> int:
+    import torch
+
+    differ = 0
+    for line in Path(args.samples).read_text().splitlines():
+        if not line.strip():
+            continue
+        s = json.loads(line)
+        ids = tok.encode(s["input"])
+        context = torch.tensor([ids[:-1]])
+        prefill = SharedPrefill(model, context)
+        for press_name, m in s["cells"]:
+            if press_name == "full":
+                continue
+            ratio = max(0.0, 1 - (m + args.buffer) / context.shape[1])
+            ours, _ = prefill.compressed(make_press(press_name, ratio))
+            answer = greedy(model, ours, ids[-1], len(ids) - 1, s["tokens_to_generate"], stop)
+            theirs = native_cache(model, context, make_press(press_name, ratio))
+            native = greedy(model, theirs, ids[-1], len(ids) - 1, s["tokens_to_generate"], stop)
+            same = same_cache(ours, theirs) and answer == native
+            differ += not same
+            print(f"{s['task']}#{s['index']} {press_name} M={m}: "
+                  f"{'same' if same else 'DIFFERS'} ({tok.decode(answer)!r} / "
+                  f"{tok.decode(native)!r})", flush=True)
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":
