@@ -231,6 +231,8 @@ def run(args) -> dict:
     out.write_text(json.dumps(result, indent=1))
     ruler.plot(result, out.with_suffix(".png"))
     print(table(result))
+    for length in args.lengths:
+        print(f"\n{length} tokens: score (n) [95% CI] KV kept\n{matrix(result, length)}")
     return result
 
 
@@ -248,6 +250,29 @@ def table(result: dict) -> str:
         lines.append(f"| {s['length']} | {s['policy']} | {s['budget'] or '-'} | {s['n']} | "
                      f"{s['score']:.3f} | [{lo:.2f}, {hi:.2f}] | {s['kv_kept_fraction']:.1%} | "
                      f"{per} |")
+    return "\n".join(lines)
+
+
+def matrix(result: dict, length: int) -> str:
+    """One row per system, one column per M: score (n), 95% interval, KV kept."""
+    cells = {(s["policy"], s["budget"]): s for s in result["summary"] if s["length"] == length}
+    budgets = sorted({m for _, m in cells if m is not None})
+    lines = ["| system | " + " | ".join(f"M = {m}" for m in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+
+    def cell(s):
+        if s is None:
+            return "-"
+        lo, hi = s["ci95"]
+        return (f"{s['score']:.3f} ({s['n']}) [{lo:.2f}, {hi:.2f}] "
+                f"{s['kv_kept_fraction']:.1%}")
+
+    for p in dict.fromkeys(p for p, _ in cells):
+        if (p, None) in cells:
+            lines.append(f"| {p} | {cell(cells[(p, None)])}" + " |" * len(budgets))
+        else:
+            lines.append(f"| {p} | " + " | ".join(cell(cells.get((p, m))) for m in budgets)
+                         + " |")
     return "\n".join(lines)
 
 

@@ -105,3 +105,20 @@ def test_summary_reads_kvpress_rows_too(quality):
     assert (cell["n"], cell["score"], cell["kv_kept_fraction"]) == (4, 0.5, 0.08)
     lo, hi = cell["ci95"]
     assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+
+
+def test_matrix_puts_each_system_on_a_row_and_each_budget_in_a_column(quality):
+    def cell(p, m, score, n, length=2048):
+        return {"length": length, "policy": p, "budget": m, "score": score, "n": n,
+                "ci95": [score - 0.1, score + 0.1], "kv_kept_fraction": 0.5 if m else 1.0}
+
+    result = {"summary": [cell("full", None, 0.5, 40), cell("streaming", 128, 0.25, 12),
+                          cell("streaming", 256, 0.6, 40), cell("knorm", 256, 0.0, 12),
+                          cell("knorm", 128, 0.75, 12, length=4096)]}
+    lines = quality.matrix(result, 2048).splitlines()
+    assert lines[0] == "| system | M = 128 | M = 256 |"
+    assert lines[2] == "| full | 0.500 (40) [0.40, 0.60] 100.0% | |"
+    assert lines[3] == ("| streaming | 0.250 (12) [0.15, 0.35] 50.0% | "
+                        "0.600 (40) [0.50, 0.70] 50.0% |")
+    assert lines[4] == "| knorm | - | 0.000 (12) [-0.10, 0.10] 50.0% |"
+    assert len(lines) == 5
