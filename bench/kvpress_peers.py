@@ -116,6 +116,11 @@ class SharedPrefill:
         return cache, kept / total
 
 
+def press_ratio(budget: int, buffer: int, context_len: int) -> float:
+    """kvpress's compression ratio that keeps M + B entries per KV head on average."""
+    return max(0.0, 1 - (budget + buffer) / context_len)
+
+
 def native_cache(model, context_ids, press):
     """kvpress's own path: its forward hooks compress every layer during a plain prefill."""
     import torch
@@ -202,7 +207,8 @@ def main(argv=None) -> int:
             context = torch.tensor([ids[:-1]])
             prefill = SharedPrefill(model, context)
             for press_name, m in cells:
-                ratio = 0.0 if press_name == "full" else max(0.0, 1 - (m + args.buffer) / context.shape[1])
+                ratio = 0.0 if press_name == "full" else press_ratio(m, args.buffer,
+                                                                    context.shape[1])
                 press = None if press_name == "full" else make_press(press_name, ratio)
                 cache, kept = prefill.compressed(press)
                 answer = greedy(model, cache, ids[-1], len(ids) - 1, s["tokens_to_generate"], stop)
@@ -237,7 +243,7 @@ def check_native(model, tok, args, stop) -> int:
         for press_name, m in s["cells"]:
             if press_name == "full":
                 continue
-            ratio = max(0.0, 1 - (m + args.buffer) / context.shape[1])
+            ratio = press_ratio(m, args.buffer, context.shape[1])
             ours, _ = prefill.compressed(make_press(press_name, ratio))
             answer = greedy(model, ours, ids[-1], len(ids) - 1, s["tokens_to_generate"], stop)
             theirs = native_cache(model, context, make_press(press_name, ratio))

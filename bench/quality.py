@@ -26,8 +26,8 @@ those budgets, the best training-free policy and the best press. 95% bootstrap i
 `--reuse EARLIER.json` takes every row that does not read the gates (full, streaming, random,
 knorm, every kvpress row) from an earlier run with the same prompts and settings, so new gates
 cost only the retention cells; when the earlier run served the same gate file (sha256), its
-retention rows are taken too, so adding budgets or samples costs only the new rows. `--quick` is a smoke run (one length, two tasks, one sample,
-M = 128; a few minutes).
+retention rows are taken too, so adding budgets or samples costs only the new rows. `--quick`
+is a smoke run (one length, two tasks, one sample, M = 128; a few minutes).
 
     .venv/bin/python -P bench/quality.py --out bench/results/quality.json
 """
