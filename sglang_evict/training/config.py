@@ -59,16 +59,18 @@ class TrainConfig:
     distill_from: str | None = None
     distill_steps: int = 300
     distill_tokens: int = 8192
-    # loss
-    kl_weight: float = 1.0
-    ce_weight: float = 1.0
+    # loss: the authors' (KL + CE) / 2 + 1.0 * capacity
+    kl_weight: float = 0.5
+    ce_weight: float = 0.5
     capacity_weight: float = 1.0
     # the capacity term's budget: "head" (each layer and KV head, TrimKV) or "global" (their
     # mean, DBTrimKV's one budget shared unevenly)
     capacity_scope: str = "head"
-    # Weight of an answer token (after the prompt) in the KL and CE means; other tokens weigh 1.
-    # A RULER answer is ~10 of ~2000 tokens, and it is the only place where losing the needle
-    # costs anything: at weight 1 that signal is a few tenths of a percent of the loss.
+    # KL and CE on the answer's tokens only (the authors' labels mask the prompt); a sample
+    # without an answer (plain text) then has them on every token. False: every token, the
+    # answer's weighing answer_weight (a RULER answer is ~10 of ~2000 tokens, and the only place
+    # where losing the needle costs anything).
+    answer_only: bool = True
     answer_weight: float = 1.0
     # Hard eviction (straight-through): the student attends only to the keys the server's
     # evictor would keep (policy, budget M, buffer, sinks, window as served; the prompt prefilled
@@ -95,7 +97,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    # "auto": cuda if available else cpu; bf16 on cuda, fp32 on cpu
+    # the frozen model's precision. "auto": bf16 on cuda; on cpu, bf16 autocast where the CPU
+    # has bf16 matrix units (AMX, AVX512-BF16), else fp32. "autocast": fp32 weights, bf16
+    # matmuls. The gates and the loss are float32 always
     dtype: str = "auto"
     device: str = "auto"
     attn_chunk: int = 128
@@ -151,6 +155,7 @@ class TrainConfig:
             except DataError as err:
                 raise TrainConfigError(f"lengths: {err}") from None
         need(isinstance(self.chat, bool), "chat", "true or false")
+        need(isinstance(self.answer_only, bool), "answer_only", "true or false")
         need(self.capacity_scope in ("head", "global"), "capacity_scope", "head or global")
         need(isinstance(self.hard_eviction, bool), "hard_eviction", "true or false")
         need(self.eviction_policy in ("retention", "retention-global"), "eviction_policy",
@@ -165,7 +170,8 @@ class TrainConfig:
         need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         need(is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
         need(is_int(self.seed), "seed", "an integer")
-        need(self.dtype in ("auto", "fp32", "bf16"), "dtype", "auto, fp32 or bf16")
+        need(self.dtype in ("auto", "fp32", "bf16", "autocast"), "dtype",
+             "auto, fp32, bf16 or autocast")
         need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
              "device", "auto, cpu, cuda or cuda:N")
         need(self.max_minutes is None or (is_num(self.max_minutes) and self.max_minutes > 0),
@@ -179,10 +185,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# May change between a run and its --resume (they do not change what a step computes).
+# May change between a run and its --resume (they do not change what a step computes, beyond
+# the precision of the frozen model's arithmetic on another machine).
 RESUMABLE_CHANGES = frozenset(
     {"steps", "max_minutes", "checkpoint_every", "progress", "export", "num_threads", "out_dir",
-     "model", "tokenizer", "device"}
+     "model", "tokenizer", "device", "dtype"}
 )
 
 

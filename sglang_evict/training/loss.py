@@ -1,23 +1,31 @@
 """The training loss of one sequence and its backward into the gates (METHOD.md "Training").
 
-    kl_weight · KL(teacher || student) on next-token distributions
-    + ce_weight · next-token cross-entropy of the student
-      (both a weighted mean over positions: the answer's tokens weigh answer_weight)
-    + capacity_weight · mean over layers of capacity_loss(expected_live_count(log β), M)
+    kl_weight · KL(teacher || student) + ce_weight · next-token CE of the student
+      (each a mean over the answer's tokens with `answer_only`, the authors' objective: their
+      labels mask the prompt; over every token, the answer weighing answer_weight, without)
+    + capacity_weight · capacity_loss(S, M)
+      (S the expected live count per layer and head; with capacity_scope "global", DBTrimKV's
+      one budget, its mean over layers and heads)
 
-The KL/CE terms are computed `loss_chunk` positions at a time and back-propagated into the
-student's final hidden state chunk by chunk, so the [T, vocab] logits of teacher and student
-never exist in full (49152 x 2048 floats are 400 MB each for the default model)."""
+The defaults, 0.5 / 0.5 / 1, are the authors' (KL + CE)/2 + 1.0 · capacity.
+
+The frozen model may run under bfloat16 autocast (`dtype = "autocast"`): its matmuls use the
+CPU's bf16 units while the gates, their log β, the retention-gated softmax and the loss stay in
+float32. The KL/CE terms are computed `loss_chunk` positions at a time, only at the positions
+that carry a loss, and back-propagated into the student's final hidden state chunk by chunk, so
+the [T, vocab] logits of teacher and student never exist in full (49152 x 2048 floats are 400 MB
+each for the default model)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from sglang_evict.gated_attention import capacity_loss, expected_live_count
 from sglang_evict.training.config import TrainConfig
+from sglang_evict.training.gated_attention import capacity_loss, expected_live_count
 from sglang_evict.training.hard_eviction import eviction_times, make_evictor, serving_steps
 from sglang_evict.training.student import GateAttachment
 
@@ -25,7 +33,7 @@ from sglang_evict.training.student import GateAttachment
 @dataclass
 class StepLosses:
     total: float
-    kl: float
+    kl: float  # KL per loss token (unweighted mean over the positions that carry a loss)
     ce: float
     ce_teacher: float
     cap: float
@@ -48,6 +56,54 @@ def hard_eviction_times(log_betas, config: TrainConfig, answer_start: int | None
     return list(torch.stack(per_seq, dim=1).unbind(0))  # L x [B, T, H]
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16). Without
+    them torch's bf16 matmul runs far below float32 (1.2 against 108 GFLOP/s on an AVX2-only
+    EPYC), so autocast would slow training down."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The frozen model's precision for a config's `dtype`: "fp32", "bf16" (weights) or
+    "autocast" (fp32 weights, bf16 matmuls). "auto": bf16 on CUDA; on CPU, autocast where
+    the CPU has bf16 matrix units, else float32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16"
+        return "autocast" if cpu_has_bf16_matmul() else "fp32"
+    return name
+
+
+def frozen_precision(precision: str, device: torch.device):
+    """The context the frozen model runs in: bf16 autocast for "autocast", else none."""
+    if precision == "autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def capacity_term(log_betas, config: TrainConfig) -> tuple[torch.Tensor, float]:
+    """(capacity loss, expected live entries at the last position, mean over layers and heads)
+    from the layers' log β [B, T, Hkv]."""
+    live = torch.stack([expected_live_count(lb, chunk_size=config.attn_chunk)
+                        for lb in log_betas])  # [L, B, T, H]
+    last = float(live[:, :, -1].detach().mean())
+    if config.capacity_scope == "global":
+        live = live.mean(dim=(0, 3))[..., None]  # [B, T, 1]: one budget for all layers and heads
+    return capacity_loss(live, config.budget), last
+
+
+def loss_weights(T: int, answer_start: int | None, config: TrainConfig, device) -> torch.Tensor:
+    """Weight of each next-token label j (token j + 1) in the KL and CE means, [T - 1]."""
+    weights = torch.ones(T - 1, dtype=torch.float32, device=device)
+    if answer_start is not None and 1 <= answer_start < T:
+        first = answer_start - 1  # label j is token j + 1
+        if config.answer_only:
+            weights[:first] = 0.0
+        else:
+            weights[first:] = float(config.answer_weight)
+    return weights
+
+
 def forward_backward(
     model: torch.nn.Module,
     attachment: GateAttachment,
@@ -55,57 +111,49 @@ def forward_backward(
     config: TrainConfig,
     scale: float = 1.0,
     answer_start: int | None = None,
+    precision: str | None = None,
 ) -> StepLosses:
     """Teacher and student forwards on `input_ids` [B, T], the loss, and its backward into the
     gates' .grad (multiplied by `scale`, e.g. 1 / grad_accum). Tokens from `answer_start` on
-    are the answer: their next-token terms weigh `config.answer_weight`."""
+    are the answer (`loss_weights`). `precision`: the frozen model's (`resolve_precision`;
+    None: from config.dtype)."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, T] with T >= 2, got {tuple(input_ids.shape)}")
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     evicted_at = None
-    with torch.no_grad():
+    if precision is None:
+        precision = resolve_precision(config.dtype, input_ids.device)
+    precision = frozen_precision(precision, input_ids.device)
+    with torch.no_grad(), precision:
         if config.hard_eviction:
             with attachment.capture() as teacher_log_betas:
                 teacher_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
             evicted_at = hard_eviction_times(teacher_log_betas, config, answer_start)
         else:
             teacher_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-    with attachment.student(evicted_at):
+    with attachment.student(evicted_at), precision:
         student_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-    log_betas = attachment.log_betas
+    teacher_h, student_h = teacher_h.float(), student_h.float()
+    cap, last_live = capacity_term(attachment.log_betas, config)
 
-    # Capacity term: mean over layers of the hinge on the expected live count.
-    # "head": every (layer, head) at most M in expectation (TrimKV); "global": their mean
-    # (DBTrimKV's one budget L*H*M, which heads share unevenly).
-    caps, lives, per_layer = [], [], []
-    for lb in log_betas:
-        live = expected_live_count(lb, chunk_size=config.attn_chunk)
-        if config.capacity_scope == "head":
-            caps.append(capacity_loss(live, config.budget))
-        else:
-            per_layer.append(live.mean(dim=2, keepdim=True))
-        lives.append(live[:, -1].detach().mean())
-    if per_layer:
-        caps.append(capacity_loss(torch.stack(per_layer).mean(dim=0), config.budget))
-    cap = torch.stack(caps).mean()
-
-    # KL + CE, chunk by chunk, each chunk's backward stopping at a detached copy of the
-    # student's hidden state; the summed gradient then goes through the model once.
+    # KL + CE, chunk by chunk over the positions that carry a loss, each chunk's backward
+    # stopping at a detached copy of the student's hidden state; the summed gradient then goes
+    # through the model once.
     labels = input_ids[:, 1:]
-    n = labels.numel()
-    # Label j is token j + 1: the answer's labels start at answer_start - 1.
-    weights = torch.ones(labels.shape[1], dtype=torch.float32, device=labels.device)
+    weights = loss_weights(input_ids.shape[1], answer_start, config, labels.device)
+    carried = torch.nonzero(weights).flatten()
+    lo, hi = int(carried[0]), int(carried[-1]) + 1  # the loss positions are one range
+    n = (hi - lo) * labels.shape[0]
     first = None
     if answer_start is not None and 1 <= answer_start < input_ids.shape[1]:
         first = answer_start - 1
-        weights[first:] = float(config.answer_weight)
     w_total = float(weights.sum()) * labels.shape[0]
-    h = student_h[:, :-1].detach().requires_grad_(True)
+    h = student_h[:, lo:hi].detach().requires_grad_(True)
     kl_sum = ce_sum = ce_t_sum = kl_w_sum = ce_w_sum = kl_ans_sum = 0.0
-    for a in range(0, h.shape[1], config.loss_chunk):
-        b = min(a + config.loss_chunk, h.shape[1])
-        logp_s = F.log_softmax(head(h[:, a:b]).float(), dim=-1)
+    for a in range(lo, hi, config.loss_chunk):
+        b = min(a + config.loss_chunk, hi)
+        logp_s = F.log_softmax(head(h[:, a - lo:b - lo]).float(), dim=-1)
         with torch.no_grad():
             logp_t = F.log_softmax(head(teacher_h[:, a:b]).float(), dim=-1)
         target = labels[:, a:b]
@@ -125,7 +173,7 @@ def forward_backward(
         ce_t_sum += float(F.nll_loss(logp_t.transpose(1, 2), target, reduction="sum"))
     roots, grads = [], []
     if h.grad is not None:
-        roots.append(student_h[:, :-1])
+        roots.append(student_h[:, lo:hi])
         grads.append(h.grad)
     cap_term = config.capacity_weight * scale * cap
     if cap_term.requires_grad:
@@ -142,7 +190,7 @@ def forward_backward(
         ce=ce_sum / n,
         ce_teacher=ce_t_sum / n,
         cap=cap_v,
-        live=float(torch.stack(lives).mean()),
+        live=last_live,
         tokens=int(input_ids.numel()),
         kl_answer=kl_ans_sum / n_answer if n_answer else None,
     )

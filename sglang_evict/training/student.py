@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sglang_evict.gated_attention import gated_attention
+from sglang_evict.training.gated_attention import gated_attention
 from sglang_evict.gates import GateConfig, RetentionGates
 from sglang_evict.training.config import TrainConfigError
 
@@ -117,14 +117,20 @@ class GateAttachment:
             x = kwargs.get("hidden_states", args[0] if args else None)
             if self.capturing:  # the teacher's forward: scores only, attention untouched
                 with torch.no_grad():
-                    self.log_betas[i] = self.gates.forward_layer(i, x)
+                    self.log_betas[i] = self._gate(i, x)
                 return None
-            log_beta = self.gates.forward_layer(i, x)  # [B, T, Hkv] float32
+            log_beta = self._gate(i, x)  # [B, T, Hkv] float32
             setattr(module, _GATE_ATTR, (log_beta, self.chunk_size, self.evicted_at[i]))
             self.log_betas[i] = log_beta
             return None
 
         return hook
+
+    def _gate(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        # float32 even when the frozen model runs under bf16 autocast: log β is multiplied by
+        # ages of thousands of tokens, and a bf16 rounding of it would reorder entries
+        with torch.autocast(x.device.type, enabled=False):
+            return self.gates.forward_layer(i, x)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[torch.Tensor | None]]:

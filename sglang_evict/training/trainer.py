@@ -33,7 +33,7 @@ from sglang_evict.training.checkpoints import (
     _set_rng_states,
 )
 from sglang_evict.training.config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
-from sglang_evict.training.loss import StepLosses, forward_backward
+from sglang_evict.training.loss import StepLosses, forward_backward, resolve_precision
 from sglang_evict.training.plots import plot_history
 from sglang_evict.training.student import GateAttachment, load_base_model
 
@@ -44,12 +44,6 @@ def _resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainConfigError(f"device {name!r} asked for, but CUDA is not available")
     return torch.device(name)
-
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -99,10 +93,11 @@ class Trainer:
             torch.set_num_threads(config.num_threads)
         self.model_path = Path(config.model) if config.model else default_model.resolve()
         self.device = _resolve_device(config.device)
-        self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_precision(config.dtype, self.device)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.model = load_base_model(self.model_path, self.dtype, str(self.device))
+        weights = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        self.model = load_base_model(self.model_path, weights, str(self.device))
         gate_config = GateConfig.from_hf_config(
             self.model.config,
             gate_hidden=config.gate_hidden,
@@ -279,15 +274,17 @@ class Trainer:
             "seed": c.seed,
             "lr": c.lr,
             "grad_accum": c.grad_accum,
-            "loss": f"{c.kl_weight}*KL(teacher||student) + {c.ce_weight}*CE "
-            f"(answer tokens x{c.answer_weight}) + {c.capacity_weight}*"
-            + ("mean_layers relu(live - M)/M" if c.capacity_scope == "head"
-               else "relu(mean_layers_heads live - M)/M")
+            "loss": f"{c.kl_weight}*KL(teacher||student) + {c.ce_weight}*CE ("
+            + ("answer tokens only" if c.answer_only else f"answer tokens x{c.answer_weight}")
+            + f") + {c.capacity_weight}*mean_positive max(0, (S_t - M)/(t - M)) over "
+            + ("each layer and head" if c.capacity_scope == "head"
+               else "the mean over layers and heads")
+            + "; decay added to the logit"
             + (f"; hard eviction ({c.eviction_policy}, M={c.budget}, B={c.eviction_buffer}, "
                f"sinks={c.eviction_sinks}, window={c.eviction_window}, "
                f"lookahead={c.eviction_lookahead}, prefill chunks of "
                f"{c.eviction_chunk}), straight-through" if c.hard_eviction else ""),
-            "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype": self.dtype,
             "device": self.device.type,
             "wall_minutes": round(self.elapsed() / 60, 2),
             "answer_weight": c.answer_weight,
@@ -321,7 +318,8 @@ class Trainer:
             sample = self.data.sample(self.cursor + i)
             ids = torch.tensor([sample["input_ids"]], device=self.device)
             parts.append(forward_backward(self.model, self.attachment, ids, c, 1.0 / c.grad_accum,
-                                          answer_start=sample["answer_start"]))
+                                          answer_start=sample["answer_start"],
+                                          precision=self.dtype))
             tasks.append(f"{sample['task']}@{sample['length']}")
         return parts, tasks
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sglang_evict.gated_attention import (
+from sglang_evict.training.gated_attention import (
     capacity_loss,
     expected_live_count,
     expected_live_count_reference,
@@ -88,19 +88,54 @@ def test_beta_one_is_plain_causal_attention(group):
     torch.testing.assert_close(out, sdpa, rtol=1e-10, atol=1e-12)
 
 
-def test_strong_decay_on_old_keys_flattens_their_logits():
-    # β -> 0 for every key: every off-diagonal logit -> 0, the diagonal keeps q_t·k_t·scale.
+def test_decay_is_added_to_the_scaled_logit():
+    """Independent computation, one query row at a time: weight of key i at query t is
+    softmax_i(q_t . k_i * scale + (t - i) * log beta_i); a decayed key loses weight whatever
+    the sign of its logit (multiplying the logit instead would raise a negative one)."""
+    q, k, v, lb = _inputs(1, 2, 3, 9, requires_grad=True)
+    out = gated_attention(q, k, v, lb, chunk_size=4)
+    scale = 1 / math.sqrt(q.shape[-1])
+    rows = []
+    for j in range(q.shape[1]):
+        h = j // 3
+        per_t = []
+        for t in range(9):
+            logits = torch.stack([
+                (q[0, j, t] * k[0, h, i]).sum() * scale + (t - i) * lb[0, i, h]
+                for i in range(t + 1)
+            ])
+            per_t.append(torch.softmax(logits, 0) @ v[0, h, : t + 1])
+        rows.append(torch.stack(per_t))
+    expected = torch.stack(rows)[None]
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v, lb))
+    want = torch.autograd.grad((expected * w).sum(), (q, k, v, lb))
+    for name, a, b in zip("q k v log_beta".split(), grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=f"grad wrt {name}")
+
+
+def test_strong_decay_leaves_only_the_current_key():
+    # beta -> 0 for every key: every older key's weight -> 0, whatever its logit, so each
+    # query reads its own value.
     q, k, v, _ = _inputs(1, 1, 1, 6)
     lb = torch.full((1, 6, 1), -60.0, dtype=torch.float64)
     out = gated_attention(q, k, v, lb, chunk_size=4)
-    scale = 1 / math.sqrt(q.shape[-1])
-    diag = (q[0, 0] * k[0, 0]).sum(-1) * scale
-    expected = []
-    for t in range(6):
-        logits = torch.zeros(t + 1, dtype=torch.float64)
-        logits[t] = diag[t]
-        expected.append(torch.softmax(logits, 0) @ v[0, 0, : t + 1])
-    torch.testing.assert_close(out[0, 0], torch.stack(expected), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out[0, 0], v[0, 0], rtol=1e-9, atol=1e-9)
+
+
+def test_decay_lowers_a_negative_logit_key_weight():
+    """One old key with a negative logit: decaying it lowers its share of attention (the
+    multiplicative form raised it)."""
+    D = 4
+    q = torch.zeros(1, 1, 2, D, dtype=torch.float64)
+    k = torch.zeros(1, 1, 2, D, dtype=torch.float64)
+    q[0, 0, 1, 0] = 2.0
+    k[0, 0, 0, 0] = -1.0  # key 0: logit -1 for query 1; key 1: logit 0
+    v = torch.tensor([[[[1.0, 0, 0, 0], [0, 1.0, 0, 0]]]], dtype=torch.float64)
+    kept = gated_attention(q, k, v, torch.zeros(1, 2, 1, dtype=torch.float64))
+    decayed = gated_attention(q, k, v, torch.full((1, 2, 1), -0.5, dtype=torch.float64))
+    assert decayed[0, 0, 1, 0] < kept[0, 0, 1, 0]
 
 
 # ------------------------------------------------------------------ expected live count
@@ -141,7 +176,7 @@ def test_live_count_constant_beta_closed_form():
 
 
 def test_capacity_loss_zero_under_budget():
-    live = torch.tensor([[[1.0, 4.0], [3.9, 4.0]]], requires_grad=True)
+    live = torch.tensor([[[1.0, 4.0], [2.0, 4.0], [3.0, 3.9]]], requires_grad=True)
     loss = capacity_loss(live, 4)
     assert loss.item() == 0.0
     loss.backward()
@@ -149,13 +184,17 @@ def test_capacity_loss_zero_under_budget():
 
 
 def test_capacity_loss_value_and_gradient_sign():
-    live = torch.tensor([[[2.0, 6.0], [8.0, 4.0]]], requires_grad=True)
-    loss = capacity_loss(live, 4)
-    # excesses: 0, 2, 4, 0 -> mean 1.5 -> / 4
-    assert loss.item() == pytest.approx(1.5 / 4)
+    """max(0, (S_t - M) / max(t - M, 1)) at 0-based position t, averaged over the positive
+    entries, written out for M = 2 and positions 0..4."""
+    live = torch.tensor([[[1.0, 1.0], [2.0, 2.5], [3.0, 2.0], [4.0, 1.0], [2.0, 5.0]]],
+                        requires_grad=True)
+    loss = capacity_loss(live, 2)
+    # positive: t=1 head 1: 0.5 / 1; t=2 head 0: 1 / 1; t=3 head 0: 2 / 1; t=4 head 1: 3 / 2
+    assert loss.item() == pytest.approx((0.5 + 1.0 + 2.0 + 1.5) / 4)
     loss.backward()
-    assert live.grad[0, 0, 1] > 0 and live.grad[0, 1, 0] > 0
-    assert live.grad[0, 0, 0] == 0 and live.grad[0, 1, 1] == 0
+    assert live.grad[0, 1, 1] > 0 and live.grad[0, 2, 0] > 0 and live.grad[0, 4, 1] > 0
+    assert live.grad[0, 4, 1] == pytest.approx(0.5 / 4)  # 1 / (t - M) / count
+    assert live.grad[0, 0, 0] == 0 and live.grad[0, 3, 1] == 0 and live.grad[0, 4, 0] == 0
 
 
 def test_capacity_loss_pushes_log_beta_down_when_over_budget():
@@ -236,6 +275,6 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="budget"):
         capacity_loss(lb, 0)
     with pytest.raises(ValueError, match="live"):
-        capacity_loss(lb[0], 4)
+        capacity_loss(lb[0, 0], 4)
     with pytest.raises(ValueError, match="log_beta"):
         gated_attention_reference(q, k, v, lb[:, :, :1])

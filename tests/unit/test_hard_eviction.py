@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sglang_evict.cache.head_slots import EVICTED, HeadSlotPool
-from sglang_evict.gated_attention import gated_attention, gated_attention_reference
+from sglang_evict.training.gated_attention import gated_attention, gated_attention_reference
 from sglang_evict.training.hard_eviction import eviction_times, make_evictor, serving_steps
 
 
@@ -53,13 +53,23 @@ def test_hard_forward_is_attention_over_survivors_and_gradient_is_soft():
     ev = ev.clamp(max=T)
     hard = gated_attention(q, k, v, lb, chunk_size=7, evicted_at=ev)
     torch.testing.assert_close(hard, gated_attention_reference(q, k, v, lb, evicted_at=ev))
+    # what the server computes: plain attention (no decay term) over the keys still live
+    pos = torch.arange(T)
+    live = (pos[:, None] >= pos[None, :]) & (pos[:, None] < ev[0].T[:, None, :])  # [Hkv, T, T]
+    served = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1),
+        attn_mask=live.repeat_interleave(2, dim=0)[None])
+    torch.testing.assert_close(hard, served)
     soft = gated_attention(q, k, v, lb, chunk_size=7)
     assert (hard - soft).abs().max() > 1e-3  # eviction changed the forward
     w = torch.randn(hard.shape, generator=g, dtype=torch.float64)
     (grad_hard,) = torch.autograd.grad((hard * w).sum(), lb)
     (grad_soft,) = torch.autograd.grad((soft * w).sum(), lb)
     torch.testing.assert_close(grad_hard, grad_soft)
+    # nothing evicted: the server's full cache, plain causal attention (the soft student decays)
     never = torch.full_like(ev, T)
-    torch.testing.assert_close(gated_attention(q, k, v, lb, evicted_at=never), soft)
+    full = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True)
+    torch.testing.assert_close(gated_attention(q, k, v, lb, evicted_at=never), full)
     with pytest.raises(ValueError, match="at or before its own step"):
         gated_attention(q, k, v, lb, evicted_at=torch.zeros_like(ev))

@@ -1,37 +1,39 @@
 """Retention-gated attention for TRAINING the gates (pure torch, autograd, memory-bounded).
 
-METHOD.md (Training): the retention decay multiplies the attention logit. For one sequence,
-query position t, key position i <= t and KV head h (GQA: query head j reads KV head j // group)
+METHOD.md (Training), as the authors' released training code computes it: the retention decay
+is ADDED to the scaled logit (like ALiBi), so the attention WEIGHT of key i is multiplied by
+β_i^(t-i) before normalisation. For one sequence, query position t, key position i <= t and KV
+head h (GQA: query head j reads KV head j // group)
 
     log α_{t,i} = (t - i) · log β_{i,h}          (α_{t,t} = 1, α in (0, 1] since log β <= 0)
-    logit_{t,i} = α_{t,i} · (q_t · k_i) · scale  (scale defaults to 1 / sqrt(D))
+    logit_{t,i} = (q_t · k_i) · scale + log α_{t,i}   (scale defaults to 1 / sqrt(D))
     o_t         = Σ_{i<=t} softmax_i(logit_{t,i}) · v_i
 
-Positions are token indices 0..T-1 of each sequence in the batch (no padding / packing support).
+A decayed key loses attention whatever the sign of its logit. Positions are token indices
+0..T-1 of each sequence in the batch (no padding / packing support).
 
 `gated_attention` processes `chunk_size` query rows at a time: a block only ever builds the
-[chunk, t1] slice of α and of the logits (t1 = last row of the block + 1; keys after the block are
-causally masked and never touched), and the block is wrapped in
+[chunk, t1] slice of the logits (t1 = last row of the block + 1; keys after the block are causally
+masked and never touched), and the block is wrapped in
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` so that autograd keeps only the block's
 inputs and output; the [chunk, t1] intermediates are recomputed one block at a time in backward.
-Peak extra memory is therefore O(B · Hq · chunk · T) instead of
-O(B · Hq · T²).
+Peak extra memory is therefore O(B · Hq · chunk · T) instead of O(B · Hq · T²).
 
-Dtypes: α, the logits and the softmax are computed in float32 whatever the q/k/v dtype (or in
+Dtypes: the logits and the softmax are computed in float32 whatever the q/k/v dtype (or in
 float64 when any input is float64, which the tests use for tight gradient checks); the output is
-cast back to q's dtype. α is formed as exp(age · log β) — an exp of a product, never a power — and
-the causal mask is applied to the age *before* the product, so masked entries (negative age) can
-never overflow.
+cast back to q's dtype. The causal mask is applied to the age *before* the product, so masked
+entries (negative age) can never overflow.
 
 Hard eviction (`evicted_at`, optional, int64 [B, T, Hkv]): key i of head h is gone for every
 query t >= evicted_at[b, i, h] (the step at which the serving evictor dropped it; T or more for
-a key never dropped). The forward then is attention over the keys still live, as served, and
-the backward is the soft one's (straight-through: o = o_soft + (o_hard - o_soft).detach()), so
-the gates also learn from the keys that were evicted.
+a key never dropped). The forward value is then what the server computes: plain attention (no
+decay term) over the keys still live. The backward is the soft one's (straight-through:
+o = o_soft + (o_hard - o_soft).detach()), so the gates also learn from the keys that were
+evicted.
 
-`expected_live_count` gives Σ_{i<=t} α_{t,i} = Σ_{i<=t} β_i^(t-i), the expected number of live
-cache entries per KV head after step t; `capacity_loss` is the hinge penalty on its excess over
-the budget M used in the training loss.
+`expected_live_count` gives S_t = Σ_{i<=t} β_i^(t-i), the expected number of live cache entries
+per KV head after step t; `capacity_loss` is the authors' hinge on its excess over the budget,
+max(0, (S_t - M) / (t - M)), averaged over the entries where it is positive.
 """
 
 from __future__ import annotations
@@ -156,17 +158,15 @@ def _attention_block(
     qf = q_blk.to(compute_dtype).reshape(B, Hkv, g, C, D)
     kf = k_keys.to(compute_dtype)
     vf = v_keys.to(compute_dtype)
-    log_alpha, causal = _log_alpha(lb_keys.to(compute_dtype), t0, t0 + C)
-    alpha = torch.exp(log_alpha)  # [B, Hkv, C, t1]
-    scores = torch.einsum("bhgcd,bhtd->bhgct", qf, kf)  # [B, Hkv, g, C, t1]
-    logits = alpha[:, :, None] * scores * scale
-    soft = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-    out = torch.einsum("bhgct,bhtd->bhgcd", soft, vf)
+    log_alpha, causal = _log_alpha(lb_keys.to(compute_dtype), t0, t0 + C)  # [B, Hkv, C, t1]
+    scores = torch.einsum("bhgcd,bhtd->bhgct", qf, kf) * scale  # [B, Hkv, g, C, t1]
+    logits = (scores + log_alpha[:, :, None]).masked_fill(~causal, float("-inf"))
+    out = torch.einsum("bhgct,bhtd->bhgcd", torch.softmax(logits, dim=-1), vf)
     if evicted_keys is not None:  # the value of the hard forward, the gradient of the soft one
-        with torch.no_grad():
+        with torch.no_grad():  # served: plain logits over the live keys, no decay term
             rows = torch.arange(t0, t0 + C, device=q_blk.device)
             live = causal[None, None] & (rows[None, None, :, None] < evicted_keys[:, :, None, :])
-            hard = torch.softmax(logits.masked_fill(~live[:, :, None], float("-inf")), dim=-1)
+            hard = torch.softmax(scores.masked_fill(~live[:, :, None], float("-inf")), dim=-1)
             out_hard = torch.einsum("bhgct,bhtd->bhgcd", hard, vf)
         out = out + (out_hard - out.detach())
     return out.reshape(B, Hq, C, vf.shape[-1]).to(q_blk.dtype)
@@ -242,8 +242,8 @@ def gated_attention_reference(
     *,
     evicted_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Naive ground truth: builds the full [T, T] α and logits per head (``chunk_size`` unused).
-    With `evicted_at`, the forward only: attention over the keys still live."""
+    """Naive ground truth: builds the full [T, T] logits per head (``chunk_size`` unused).
+    With `evicted_at`, the forward only: plain attention over the keys still live."""
     _check_chunk_size(chunk_size)
     scale = _check_attention_inputs(q, k, v, log_beta, scale)
     B, Hq, T, D = q.shape
@@ -255,12 +255,13 @@ def gated_attention_reference(
     causal = pos[:, None] >= pos[None, :]
     lb = log_beta.to(cd).permute(0, 2, 1)  # [B, Hkv, T]
     log_alpha = torch.where(causal, age, torch.zeros_like(age))[None, None] * lb[:, :, None, :]
-    alpha = torch.exp(log_alpha).repeat_interleave(g, dim=1)  # [B, Hq, T, T]
     kf = k.to(cd).repeat_interleave(g, dim=1)
     vf = v.to(cd).repeat_interleave(g, dim=1)
-    logits = alpha * (q.to(cd) @ kf.transpose(-1, -2)) * scale
+    logits = (q.to(cd) @ kf.transpose(-1, -2)) * scale
     visible = causal[None, None]
-    if evicted_at is not None:  # [B, T, Hkv] -> visible[b, h, t, i] = t < evicted_at[b, i, h]
+    if evicted_at is None:
+        logits = logits + log_alpha.repeat_interleave(g, dim=1)  # [B, Hq, T, T]
+    else:  # [B, T, Hkv] -> visible[b, h, t, i] = t < evicted_at[b, i, h]
         ev = evicted_at.permute(0, 2, 1).repeat_interleave(g, dim=1)
         visible = visible & (pos[None, None, :, None] < ev[:, :, None, :])
     logits = logits.masked_fill(~visible, float("-inf"))
@@ -321,21 +322,25 @@ def expected_live_count_reference(log_beta: torch.Tensor, chunk_size: int = 128)
 
 
 def capacity_loss(live: torch.Tensor, budget: int) -> torch.Tensor:
-    """Capacity penalty: mean over (B, T, H) of relu(live - M) / M.
+    """The authors' capacity penalty on live [..., T, H] (T positions, then heads):
 
-    A hinge on the excess of the expected live count over the budget M, normalised by M. The
-    published papers do not give the exact form (METHOD.md); this is the natural reading of
-    "penalise its excess over the budget": it is zero while a head keeps at most M entries in
-    expectation, so it never pushes gates to forget below the budget, grows linearly with the
-    overflow, and dividing by M makes λ comparable across budgets (a 10% overflow costs 0.1
-    whatever M). The mean (rather than a sum) keeps the scale independent of B, T and H.
+        max(0, (S_t - M) / max(t - M, 1))   at position t (0-based: S_t counts t + 1 entries)
+
+    averaged over the entries where it is positive (0 when none is). Dividing by t - M, the
+    most a perfect gate could have dropped by step t, makes an overflow late in a long sequence
+    cost as much as the same share early. DBTrimKV's one budget (S summed over layers and heads
+    against L·H·M, positions scaled alike) is this with `live` the mean over layers and heads.
     """
     if not isinstance(live, torch.Tensor) or not live.is_floating_point():
         raise ValueError("live must be a floating-point tensor")
-    if live.dim() != 3:
-        raise ValueError(f"live must be [B, T, Hkv], got shape {tuple(live.shape)}")
+    if live.dim() < 2:
+        raise ValueError(f"live must be [..., T, H], got shape {tuple(live.shape)}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be an int >= 1, got {budget!r}")
-    if live.numel() == 0:
-        return live.sum() * 0.0
-    return F.relu(live - budget).mean() / budget
+    t = torch.arange(live.shape[-2], device=live.device, dtype=live.dtype)
+    span = (t - budget).clamp(min=1.0)[:, None]  # [T, 1]
+    hinge = F.relu((live - budget) / span)
+    positive = int((hinge > 0).sum())
+    if positive == 0:
+        return hinge.sum() * 0.0
+    return hinge.sum() / positive
