@@ -133,9 +133,10 @@ def reusable_rows(path: Path, samples: list[dict], grid: list, buffer: int,
 def server_args_for(gates: str, budgets, buffer: int, pool: int, concurrency: int,
                     chunk: int) -> list[str]:
     """One server for every cell: retention-global at the largest budget; each request sets its
-    own policy, budget, buffer (and lookahead) through custom_params."""
+    own policy, budget, buffer (and lookahead) through custom_params, the full cache included
+    (policy none, which the operator switch must allow)."""
     return [
-        "--evict-policy", "retention-global", "--evict-gates", gates,
+        "--evict-policy", "retention-global", "--evict-gates", gates, "--evict-overrides", "any",
         "--evict-budget", str(max(budgets)), "--evict-buffer", str(buffer),
         "--disable-radix-cache", "--max-total-tokens", str(pool),
         "--max-running-requests", str(concurrency),

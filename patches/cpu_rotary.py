@@ -16,7 +16,6 @@ import contextlib
 
 TARGET = "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__"
 RUNNER_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.__init__"
-SGLANG_VERSION = "0.5.23"
 
 # Set by the ModelRunner hook; the rotary hook reads it. One process builds one model runner
 # (plus possibly draft runners on the same device), so a process-wide flag is sufficient.

@@ -8,6 +8,18 @@ from sglang_evict.config import ATTENTION_BACKEND, EvictConfig
 from sglang_evict.patches.evict_state import HeadEvictError, config
 
 CHECK_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
+# KV dtypes the head-slot pool stores (the model's own, or bf16); every fp8 / fp4 / mx recipe
+# of SGLang 0.5.23 (fp8_e5m2, fp8_e4m3, mxfp8, nvfp4, fp4_mx_block16) is refused.
+KV_DTYPES = ("auto", "bf16", "bfloat16")
+# Options whose code reads, copies or releases SGLang's own KV buffers, which eviction replaces.
+KV_BUFFER_READERS = (
+    "enable_lmcache", "enable_streaming_session", "enable_hisparse", "enable_memory_saver",
+    "enable_pdmux", "hicache_storage_backend", "disaggregation_decode_enable_offload_kvcache",
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def refusal(server_args, cfg: EvictConfig) -> str | None:
@@ -20,20 +32,32 @@ def refusal(server_args, cfg: EvictConfig) -> str | None:
     policy = f"--evict-policy {cfg.policy}"
     if get("attention_backend") != ATTENTION_BACKEND:
         return f"{policy} needs --attention-backend {ATTENTION_BACKEND}, got {get('attention_backend')}"
+    for name in ("decode_attention_backend", "prefill_attention_backend"):
+        if get(name) not in (None, ATTENTION_BACKEND):
+            return (f"{policy} attends over head-slots with one backend: drop "
+                    f"{_flag(name)} {get(name)}")
     if not get("disable_radix_cache", False):
         if get("enable_session_radix_cache", False):
             return f"{policy} does not support --enable-session-radix-cache yet"
         if get("radix_cache_backend"):
             return f"{policy} shares prefixes through SGLang's default radix cache: drop --radix-cache-backend"
-        if get("enable_hierarchical_cache", False):
-            return f"{policy} keeps the radix cache on the device: --enable-hierarchical-cache is not supported"
+    if get("enable_hierarchical_cache", False):
+        return f"{policy} keeps the radix cache on the device: --enable-hierarchical-cache is not supported"
+    for name in KV_BUFFER_READERS:
+        if get(name, False):
+            return (f"{policy} keeps K/V in head-slots, not in SGLang's KV buffers that "
+                    f"{_flag(name)} reads or moves: it is not supported")
+    if str(get("disaggregation_mode") or "null") != "null":
+        return (f"{policy} does not support prefill/decode disaggregation "
+                f"(--disaggregation-mode {get('disaggregation_mode')}): the KV transfer reads "
+                "SGLang's KV buffers")
     if (get("page_size") or 1) != 1:
         return f"{policy} needs --page-size 1 (one token per slot), got {get('page_size')}"
     for name, flag in (("tp_size", "--tp-size"), ("pp_size", "--pp-size"), ("dp_size", "--dp-size")):
         if (get(name) or 1) > 1:
             return f"{policy} runs on one device for now: {flag} {get(name)} is not supported"
     dtype = str(get("kv_cache_dtype") or "auto")
-    if dtype.startswith("fp8") or dtype.startswith("fp4"):
+    if dtype not in KV_DTYPES:
         return f"{policy} stores K/V in the model dtype: --kv-cache-dtype {dtype} is not supported"
     if get("speculative_algorithm"):
         return f"{policy} does not support speculative decoding (--speculative-algorithm)"

@@ -11,7 +11,11 @@ eviction settings for one request.
 
 from __future__ import annotations
 
-from sglang_evict.config import EvictConfig
+import dataclasses
+import re
+from collections import OrderedDict
+
+from sglang_evict.config import POLICY_CHOICES, EvictConfig
 from sglang_evict.patches.evict_state import _state, config
 
 SAMPLING_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
@@ -20,42 +24,79 @@ VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._vali
 
 REQUEST_KEY = "sglang_evict"  # sampling_params.custom_params[REQUEST_KEY]
 REQUEST_FIELDS = ("policy", "budget", "buffer", "sinks", "window", "min_per_head", "lookahead")
+# Bounds on every integer field, whatever the operator allows: nothing a client sends reaches
+# the scheduler unbounded (a 2^63 budget would overflow the evictor's int64 arithmetic).
+FIELD_LIMIT = 1 << 20
+LOOKAHEAD_LIMIT = 1024
+# Under --evict-overrides clamp, a client may ask for less than the server's setting, never more.
+CLAMPED = ("budget", "buffer", "sinks", "window", "lookahead")
+# The evictors of recent distinct overrides (a running request keeps its own referenced).
+EVICTOR_CACHE = 64
+
+
+def _where(field: str | None = None) -> str:
+    return f"custom_params.{REQUEST_KEY}" + (f".{field}" if field else "")
+
+
+def _field_names(message: str) -> str:
+    """An EvictConfig message speaks of flags (--evict-min-per-head); a client sent fields."""
+    return re.sub(r"--evict-([a-z-]+)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+def _checked_fields(override: dict) -> dict:
+    """The override's fields, each type-checked and bounded; ValueError naming the field."""
+    unknown = sorted(str(k) for k in set(override) - set(REQUEST_FIELDS))
+    if unknown:
+        raise ValueError(f"{_where()}: unknown field(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(REQUEST_FIELDS)}")
+    for k, v in override.items():
+        if k == "policy":
+            if not isinstance(v, str) or v not in POLICY_CHOICES:
+                raise ValueError(f"{_where(k)} must be one of {', '.join(POLICY_CHOICES)}, "
+                                 f"got {v!r}")
+            continue
+        low = 1 if k == "budget" else 0
+        high = LOOKAHEAD_LIMIT if k == "lookahead" else FIELD_LIMIT
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "..."
+            raise ValueError(f"{_where(k)} must be an integer in [{low}, {high}], got {shown}")
+    return dict(override)
 
 
 def request_config(custom_params) -> EvictConfig | None:
     """The per-request override in `custom_params["sglang_evict"]` (same names as the server
-    flags without the --evict- prefix), merged over the server's settings; None if absent.
-    ValueError naming the problem otherwise."""
+    flags without the --evict- prefix), checked, bounded, limited by what the operator allows
+    (`--evict-overrides`), and merged over the server's settings; None if absent. ValueError
+    naming the field otherwise."""
     if not isinstance(custom_params, dict) or REQUEST_KEY not in custom_params:
         return None
     override = custom_params[REQUEST_KEY]
     server = config()
     if not server.evicting:
-        raise ValueError(
-            f"custom_params.{REQUEST_KEY}: this server was started without --evict-policy"
-        )
+        raise ValueError(f"{_where()}: this server was started without --evict-policy")
+    if server.overrides == "none":
+        raise ValueError(f"{_where()}: this server takes no per-request eviction settings "
+                         "(--evict-overrides none)")
     if not isinstance(override, dict):
-        raise ValueError(f"custom_params.{REQUEST_KEY} must be an object, got {override!r}")
-    unknown = sorted(set(override) - set(REQUEST_FIELDS))
-    if unknown:
-        raise ValueError(
-            f"custom_params.{REQUEST_KEY}: unknown field(s) {', '.join(unknown)}; "
-            f"valid: {', '.join(REQUEST_FIELDS)}"
-        )
-    for k, v in override.items():
-        if k != "policy" and (not isinstance(v, int) or isinstance(v, bool)):
-            raise ValueError(f"custom_params.{REQUEST_KEY}.{k} must be an integer, got {v!r}")
-    import dataclasses
-
+        raise ValueError(f"{_where()} must be an object, got {override!r}"[:200])
+    fields = _checked_fields(override)
+    if server.overrides == "clamp":
+        if fields.get("policy") == "none":
+            raise ValueError(f"{_where('policy')}: none (no eviction) is not allowed on this "
+                             "server (its operator allows it with --evict-overrides any)")
+        for k in CLAMPED:
+            ceiling = getattr(server, k)
+            if k in fields and ceiling is not None:
+                fields[k] = min(fields[k], ceiling)
     base = dataclasses.asdict(server)
-    if "policy" in override and "budget" not in override and override["policy"] == "none":
+    if fields.get("policy") == "none" and "budget" not in fields:
         base["budget"] = None
-    base.update(override)
+    base.update(fields)
     try:
         cfg = EvictConfig(**base)
         cfg.check_gates_present()
     except Exception as e:  # EvictConfigError: phrased with flags; name the request field
-        raise ValueError(f"custom_params.{REQUEST_KEY}: {e}") from None
+        raise ValueError(f"{_where()}: {_field_names(str(e))}") from None
     return cfg
 
 
@@ -66,7 +107,7 @@ def after_sampling_verify(result, params, *args, **kwargs):
     return result
 
 
-_evictors: dict = {}
+_evictors: OrderedDict = OrderedDict()  # repr(EvictorConfig) -> Evictor, least recent first
 
 
 def _evictor_for(cfg: EvictConfig):
@@ -78,6 +119,9 @@ def _evictor_for(cfg: EvictConfig):
     key = repr(ev_cfg)
     if key not in _evictors:
         _evictors[key] = Evictor(ev_cfg, _state.cache.num_layers, _state.cache.num_kv_heads)
+        while len(_evictors) > EVICTOR_CACHE:
+            _evictors.popitem(last=False)
+    _evictors.move_to_end(key)
     return _evictors[key]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from sglang_evict.config import EvictConfig
 
-SGLANG_VERSION = "0.5.23"  # every hook target is pinned by tests/unit/test_upstream_guards.py
 
 
 class HeadEvictError(RuntimeError):

@@ -31,7 +31,6 @@ from sglang_evict.cache.score_store import ScoreStore, bytes_per_slot
 
 logger = logging.getLogger(__name__)
 
-SGLANG_VERSION = "0.5.23"
 LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 ALLOC_POOL = "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool"
 CELL_SIZE = (

@@ -28,6 +28,10 @@ POLICY_CHOICES: dict[str, tuple[str, str]] = {
     "none": ("none", "global"),
 }
 ATTENTION_BACKEND = "sglang_evict"
+# What a client may change per request (custom_params.sglang_evict): nothing; its budget,
+# buffer, sinks, window and lookahead up to the server's own (and any evicting policy); or
+# anything, including policy none (no eviction for that request).
+OVERRIDE_MODES = ("none", "clamp", "any")
 
 # (flag, field, type)
 FLAGS: tuple[tuple[str, str, type], ...] = (
@@ -42,6 +46,7 @@ FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--evict-min-per-head", "min_per_head", int),
     ("--evict-oversubscribe", "oversubscribe", int),
     ("--evict-debug-check", "debug_check", int),
+    ("--evict-overrides", "overrides", str),
 )
 
 
@@ -72,8 +77,15 @@ class EvictConfig:
     # 1: after every step, check the live lists against a recomputation from the virtual map
     # (slow; for tests and debugging).
     debug_check: int = 0
+    # What clients may override per request (OVERRIDE_MODES); "clamp" suits a shared server.
+    overrides: str = "clamp"
 
     def __post_init__(self) -> None:
+        if self.overrides not in OVERRIDE_MODES:
+            raise EvictConfigError(
+                f"--evict-overrides must be one of {', '.join(OVERRIDE_MODES)}, "
+                f"got {self.overrides!r}"
+            )
         if self.kernel not in KERNEL_BACKENDS:
             raise EvictConfigError(
                 f"--evict-kernel must be one of {', '.join(KERNEL_BACKENDS)}, got {self.kernel!r}"

@@ -3,6 +3,10 @@
 `load_plugins()` calls `register()` in every SGLang process (server main, scheduler,
 detokenizer); hooks registered here are applied by SGLang right after, before any model is
 built. Keep this import-light: it runs in every process.
+
+On another SGLang version than the pinned one nothing is patched: a server configured for
+sglang-evict gets only `hook_check`, which refuses with one line at start-up; plain SGLang
+(no sglang-evict settings) runs untouched.
 """
 
 from __future__ import annotations
@@ -20,10 +24,20 @@ def register() -> None:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from sglang_evict.config import EvictConfig
+    from sglang_evict.patches import hook_check
+
+    _registered = True
+    why = hook_check.version_refusal()
+    if why is not None and not EvictConfig.from_env().active:
+        logger.warning("sglang-evict: %s; plain SGLang runs without the plugin", why)
+        return
+    hook_check.register(HookRegistry, HookType)
+    if why is not None:
+        return
     from sglang_evict.patches import cpu_rotary, gate_attach, head_evict
 
     cpu_rotary.register(HookRegistry, HookType)
     gate_attach.register(HookRegistry, HookType)
     head_evict.register(HookRegistry, HookType)
-    _registered = True
     logger.info("sglang-evict plugin registered")

@@ -295,6 +295,11 @@ def prepare_argv(argv: list[str]) -> tuple[EvictConfig, list[str]]:
         config, out = split_argv(argv)
     except EvictConfigError as e:
         raise StartupError(str(e)) from None
+    from sglang_evict.patches.hook_check import version_refusal
+
+    why = version_refusal()
+    if why is not None:
+        raise StartupError(why)
     if not has_flag(out, "--model-path"):
         from sglang_evict import default_model
 
@@ -336,10 +341,14 @@ def run_sglang(config: EvictConfig, argv: list[str]) -> None:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
+    from sglang_evict.patches.evict_state import HeadEvictError
+    from sglang_evict.patches.hook_check import PluginCheckError
+
     load_plugins()
-    server_args = prepare_server_args(argv)
     try:
-        run_server(server_args)
+        run_server(prepare_server_args(argv))
+    except (PluginCheckError, HeadEvictError) as e:  # the plugin's start-up checks, one line
+        raise StartupError(str(e).removeprefix("sglang-evict: ")) from None
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
 
@@ -349,8 +358,8 @@ def main(argv: list[str]) -> int:
 
     try:
         config, sglang_argv = prepare_argv(argv)
+        run_sglang(config, sglang_argv)
     except (StartupError, DefaultModelError) as e:
         print(f"sglang-evict: error: {e}", file=sys.stderr)
         return 2
-    run_sglang(config, sglang_argv)
     return 0

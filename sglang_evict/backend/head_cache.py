@@ -248,10 +248,19 @@ class HeadKVCache:
 
     # ------------------------------------------------------------------ per-request policy
     def _evictor_index(self, evictor: Evictor | None) -> int:
+        """The evictor's index in the table the step dispatches on. An index no row uses is
+        reused, so the table (and what a step or `reclaimable` does per evictor) stays bounded
+        by the distinct policies of the requests running now, not of every request ever seen.
+        Runs at admission and release, never per step."""
         if evictor is None:
             return -1
         for i, e in enumerate(self.evictors):
             if e is evictor:
+                return i
+        in_use = set(self.row_evictor.unique().tolist()) if hasattr(self, "row_evictor") else set()
+        for i, e in enumerate(self.evictors):
+            if i not in in_use and e is not self.evictor:
+                self.evictors[i] = evictor
                 return i
         self.evictors.append(evictor)
         return len(self.evictors) - 1

@@ -93,3 +93,45 @@ def test_missing_gate_file_and_unknown_option(default_model_path, tmp_path):
     assert_one_error_line(result, "does not exist")
     result = run_serve("--evict-budgett", "5")
     assert_one_error_line(result, "unknown option --evict-budgett")
+
+
+def _serve_with(setup: str, model_path) -> subprocess.CompletedProcess:
+    """`serve` of a streaming server in a fresh process after `setup` (Python run first)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"{setup}\nimport sys\nfrom sglang_evict import serve\nsys.exit(serve.main(sys.argv[1:]))"
+    args = ["--model-path", str(model_path), "--evict-policy", "streaming", "--evict-budget", "64",
+            "--port", str(port)]
+    return subprocess.run([sys.executable, "-P", "-c", code, *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _refusal(result: subprocess.CompletedProcess) -> str:
+    """The last line of a refused start-up (exit code 2), which must be ours."""
+    assert result.returncode == 2, result.stderr
+    last = [l for l in result.stderr.splitlines() if l.strip()][-1]
+    assert last.startswith("sglang-evict: error: "), result.stderr
+    return last
+
+
+def test_other_sglang_version_is_refused_before_patching(default_model_path):
+    """Another installed SGLang: the plugin patches nothing and the server refuses with one line
+    naming both versions, before any model is built."""
+    result = _serve_with(
+        "from sglang_evict.patches import hook_check\n"
+        "hook_check.installed_sglang = lambda: '0.5.99'", default_model_path)
+    assert "is written for sglang 0.5.23, and sglang 0.5.99 is installed" in _refusal(result)
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_hook_sglang_could_not_apply_refuses_the_server(default_model_path):
+    """SGLang logs a hook it cannot apply and goes on; the plugin refuses instead, naming it."""
+    result = _serve_with(
+        "from sglang.srt.plugins.hook_registry import HookRegistry, HookType\n"
+        "from sglang_evict.patches import hook_check\n"
+        "HookRegistry.register('sglang.srt.no_such_module.moved_function',\n"
+        "                      hook_check.before_model_runner_init, HookType.BEFORE)",
+        default_model_path)
+    assert ("1 of its hooks were not applied (sglang.srt.no_such_module.moved_function)"
+            in _refusal(result))

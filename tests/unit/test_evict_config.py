@@ -107,7 +107,7 @@ def test_per_request_override_merges_over_the_server_settings(monkeypatch):
     from sglang_evict.patches import evict_requests, evict_state
 
     server, _ = split_argv(["--evict-policy", "streaming", "--evict-budget", "64",
-                            "--evict-sinks", "2"])
+                            "--evict-sinks", "2", "--evict-overrides", "any"])
     monkeypatch.setattr(evict_state._state, "config", server)
     assert evict_requests.request_config(None) is None
     assert evict_requests.request_config({"other": 1}) is None
@@ -116,10 +116,10 @@ def test_per_request_override_merges_over_the_server_settings(monkeypatch):
     full = evict_requests.request_config({"sglang_evict": {"policy": "none"}})
     assert full.evictor_config() is None
     for bad, message in [
-        ({"sglang_evict": {"budget": 0}}, "--evict-budget must be >= 1"),
+        ({"sglang_evict": {"budget": 0}}, r"sglang_evict\.budget must be an integer in \[1, "),
         ({"sglang_evict": {"budgets": 8}}, "unknown field"),
-        ({"sglang_evict": {"budget": "8"}}, "must be an integer"),
-        ({"sglang_evict": {"policy": "lru"}}, "--evict-policy must be one of"),
+        ({"sglang_evict": {"budget": "8"}}, r"sglang_evict\.budget must be an integer"),
+        ({"sglang_evict": {"policy": "lru"}}, r"sglang_evict\.policy must be one of"),
         ({"sglang_evict": 3}, "must be an object"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -159,12 +159,16 @@ def test_lookahead_flag_and_override_set_the_served_score(tmp_path, monkeypatch)
     # now: -1.0 vs -0.7 (the old entry goes first); one step on: -1.1 vs -1.4 (the recent one)
     assert plain_order == [0, 1] and ahead_order == [1, 0]
 
-    monkeypatch.setattr(evict_state._state, "config", plain)
+    monkeypatch.setattr(evict_state._state, "config", plain)  # --evict-overrides clamp
+    cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}})
+    assert cfg.evictor_config().policy.lookahead == 0  # at most the server's
+    open_server, _ = split_argv(flags + ["--evict-overrides", "any"])
+    monkeypatch.setattr(evict_state._state, "config", open_server)
     cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}})
     assert cfg.evictor_config().policy.lookahead == 1
-    with pytest.raises(ValueError, match="lookahead must be >= 0"):
+    with pytest.raises(ValueError, match=r"sglang_evict\.lookahead must be an integer in \[0, "):
         evict_requests.request_config({"sglang_evict": {"lookahead": -2}})
-    with pytest.raises(ValueError, match="applies to the retention policies"):
+    with pytest.raises(ValueError, match="lookahead applies to the retention policies"):
         evict_requests.request_config({"sglang_evict": {"policy": "random", "lookahead": 1}})
 
 
@@ -172,3 +176,85 @@ def test_retention_needs_gates():
     config, _ = split_argv(["--evict-policy", "retention-global", "--evict-budget", "8"])
     with pytest.raises(EvictConfigError, match="pass --evict-gates PATH"):
         config.check_gates_present()
+
+
+HOSTILE = [
+    ("budget", 2**63), ("budget", 2**64 + 1), ("budget", -(2**63)), ("budget", 1.5),
+    ("budget", "64"), ("budget", None), ("budget", [64]), ("budget", True), ("buffer", 10**30),
+    ("sinks", -1), ("window", {"a": 1}), ("min_per_head", 2**40), ("lookahead", 10**6),
+    ("policy", 3), ("policy", None), ("policy", ["streaming"]), ("policy", "STREAMING"),
+]
+
+
+@pytest.mark.parametrize("field,value", HOSTILE)
+def test_hostile_override_fields_are_refused_by_field_name(monkeypatch, field, value):
+    """Huge, negative, wrong-typed and null values: one ValueError (the tokenizer manager's
+    400) that names the field, not the server flag, in every operator mode that takes them."""
+    from sglang_evict.patches import evict_requests, evict_state
+
+    for mode in ("clamp", "any"):
+        server, _ = split_argv(["--evict-policy", "streaming", "--evict-budget", "64",
+                                "--evict-overrides", mode])
+        monkeypatch.setattr(evict_state._state, "config", server)
+        with pytest.raises(ValueError) as err:
+            evict_requests.request_config({"sglang_evict": {field: value}})
+        message = str(err.value)
+        assert f"custom_params.sglang_evict.{field} must be" in message
+        assert "--evict" not in message and "\n" not in message and len(message) < 200
+
+
+def test_operator_switch_decides_what_a_client_may_change(monkeypatch):
+    """none: no override at all; clamp (the default): budget, buffer, sinks, window and
+    lookahead at most the server's own, any evicting policy, no opt-out; any: everything."""
+    from sglang_evict.patches import evict_requests, evict_state
+
+    flags = ["--evict-policy", "streaming", "--evict-budget", "64", "--evict-buffer", "16",
+             "--evict-sinks", "4", "--evict-window", "8"]
+    default, _ = split_argv(flags)
+    assert default.overrides == "clamp"
+    monkeypatch.setattr(evict_state._state, "config", default)
+    big = {"budget": 4096, "buffer": 999, "sinks": 100, "window": 500}
+    cfg = evict_requests.request_config({"sglang_evict": big})
+    assert (cfg.budget, cfg.buffer, cfg.sinks, cfg.window) == (64, 16, 4, 8)
+    small = evict_requests.request_config({"sglang_evict": {"budget": 8, "policy": "random"}})
+    assert (small.budget, small.policy) == (8, "random")
+    with pytest.raises(ValueError, match=r"policy: none \(no eviction\) is not allowed"):
+        evict_requests.request_config({"sglang_evict": {"policy": "none"}})
+
+    anything, _ = split_argv(flags + ["--evict-overrides", "any"])
+    monkeypatch.setattr(evict_state._state, "config", anything)
+    cfg = evict_requests.request_config({"sglang_evict": big})
+    assert (cfg.budget, cfg.buffer, cfg.sinks, cfg.window) == (4096, 999, 100, 500)
+    assert evict_requests.request_config({"sglang_evict": {"policy": "none"}}).policy == "none"
+
+    closed, _ = split_argv(flags + ["--evict-overrides", "none"])
+    monkeypatch.setattr(evict_state._state, "config", closed)
+    with pytest.raises(ValueError, match="takes no per-request eviction settings"):
+        evict_requests.request_config({"sglang_evict": {"budget": 8}})
+    assert evict_requests.request_config(None) is None
+    with pytest.raises(EvictConfigError, match="--evict-overrides must be one of"):
+        split_argv(flags + ["--evict-overrides", "some"])
+
+
+def test_evictors_of_distinct_overrides_stay_bounded(monkeypatch):
+    """Thousands of distinct overrides, one request after another on the same rows: the
+    override cache and the cache's evictor table stay bounded by what runs now."""
+    from head_cache_sim import make_cache
+
+    from sglang_evict.patches import evict_requests, evict_state
+
+    server, _ = split_argv(["--evict-policy", "streaming", "--evict-budget", "4096",
+                            "--evict-overrides", "any"])
+    monkeypatch.setattr(evict_state._state, "config", server)
+    cache = make_cache(64, 2, 2, 4)
+    monkeypatch.setattr(evict_state._state, "cache", cache)
+    monkeypatch.setattr(evict_requests, "_evictors", type(evict_requests._evictors)())
+    rows = 3
+    for i in range(1000):
+        cfg = evict_requests.request_config({"sglang_evict": {"budget": 1 + i}})
+        row = i % rows
+        cache.release(row)  # the row's previous request finished
+        cache.set_row_evictor(row, evict_requests._evictor_for(cfg))
+        assert cache.evictor_of(row).config.budget == 1 + i
+    assert len(evict_requests._evictors) <= evict_requests.EVICTOR_CACHE
+    assert len(cache.evictors) <= rows + 1

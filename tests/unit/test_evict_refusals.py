@@ -35,6 +35,20 @@ GOOD = dict(
         (dict(pp_size=2), "--pp-size 2"),
         (dict(dp_size=2), "--dp-size 2"),
         (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),
+        (dict(kv_cache_dtype="fp8_e5m2"), "--kv-cache-dtype fp8_e5m2"),
+        (dict(kv_cache_dtype="mxfp8"), "--kv-cache-dtype mxfp8"),
+        (dict(kv_cache_dtype="nvfp4"), "--kv-cache-dtype nvfp4"),
+        (dict(kv_cache_dtype="fp4_mx_block16"), "--kv-cache-dtype fp4_mx_block16"),
+        (dict(decode_attention_backend="triton"), "--decode-attention-backend triton"),
+        (dict(prefill_attention_backend="torch_native"), "--prefill-attention-backend torch_native"),
+        (dict(enable_streaming_session=True), "--enable-streaming-session"),
+        (dict(disaggregation_mode="prefill"), "--disaggregation-mode prefill"),
+        (dict(enable_lmcache=True), "--enable-lmcache"),
+        (dict(enable_hisparse=True), "--enable-hisparse"),
+        (dict(enable_memory_saver=True), "--enable-memory-saver"),
+        (dict(enable_pdmux=True), "--enable-pdmux"),
+        (dict(hicache_storage_backend="file"), "--hicache-storage-backend"),
+        (dict(disable_radix_cache=True, enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
         (dict(speculative_algorithm="EAGLE"), "speculative"),
     ],
 )
@@ -42,6 +56,24 @@ def test_each_unsupported_setting_is_named(change, match):
     assert refusal(SimpleNamespace(**GOOD), STREAMING) is None
     why = refusal(SimpleNamespace(**{**GOOD, **change}), STREAMING)
     assert why is not None and match in why and "\n" not in why
+
+
+def test_the_refused_options_exist_in_the_pinned_sglang():
+    """Every option refused by name is a field of SGLang's ServerArgs (a renamed option would
+    otherwise pass unrefused), and the KV dtypes are SGLang's choices less the kept ones."""
+    import inspect
+
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_evict.patches import evict_refusals as r
+
+    fields = set(inspect.signature(ServerArgs).parameters)
+    names = set(r.KV_BUFFER_READERS) | {"decode_attention_backend", "prefill_attention_backend",
+                                        "disaggregation_mode", "kv_cache_dtype"}
+    assert names <= fields, names - fields
+    assert refusal(SimpleNamespace(**{**GOOD, "kv_cache_dtype": "bf16"}), STREAMING) is None
+    assert refusal(SimpleNamespace(**GOOD, decode_attention_backend="sglang_evict"),
+                   STREAMING) is None
 
 
 def test_cuda_graphs_the_overlap_scheduler_and_the_radix_cache_are_served():

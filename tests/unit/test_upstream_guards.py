@@ -10,7 +10,7 @@ from importlib.metadata import entry_points, version
 
 import pytest
 
-from sglang_evict.patches import cpu_rotary
+from sglang_evict.patches import cpu_rotary, hook_check
 
 
 def resolve(dotted: str):
@@ -28,7 +28,7 @@ def resolve(dotted: str):
 
 
 def test_pinned_sglang_version():
-    assert version("sglang") == cpu_rotary.SGLANG_VERSION == "0.5.23"
+    assert version("sglang") == hook_check.SGLANG_VERSION == "0.5.23"
 
 
 def test_rotary_target_still_has_the_cpu_flag_and_fallback_import():
@@ -58,6 +58,9 @@ def test_plugin_entry_point_registers_hooks():
     hooked = HookRegistry._hooks
     assert any(h[1] is cpu_rotary.around_rotary_init for h in hooked[cpu_rotary.TARGET])
     assert any(h[1] is cpu_rotary.before_model_runner_init for h in hooked[cpu_rotary.RUNNER_TARGET])
+    assert any(h[1] is hook_check.after_check_server_args for h in hooked[hook_check.CHECK_ARGS])
+    assert hook_check.RUNNER_INIT == cpu_rotary.RUNNER_TARGET
+    assert _params(hook_check.CHECK_ARGS) == ["self"]
 
 
 def test_cpu_flag_is_set_only_while_building_on_cpu():
@@ -81,7 +84,6 @@ def _params(dotted: str) -> list[str]:
 def test_gate_attach_targets():
     from sglang_evict.patches import gate_attach as g
 
-    assert g.SGLANG_VERSION == version("sglang")
     assert _params(g.LOAD_MODEL) == ["self"]
     assert _params(g.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
     assert _params(g.CELL_SIZE) == ["self", "kvc", "num_layers"]
@@ -138,7 +140,6 @@ def test_head_evict_targets():
                                      evict_requests, evict_radix}
     h = SimpleNamespace(**{k: v for m in head_evict.HOOKS for k, v in vars(m).items()
                            if k.isupper()})
-    assert evict_state.SGLANG_VERSION == version("sglang")
     assert _params(h.DERIVE_SIZES) == ["self", "config"]
     assert _params(h.CREATE_BUFFERS) == ["self"]
     assert _params(h.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
