@@ -11,6 +11,9 @@ Systems, per length:
                                torch shared with the project's environment)
     kvpress:full               the same HF model without a press (a cross-check of the server's
                                full-cache row)
+    oracle                     hindsight: at the answer's start, the L·H·M prompt entries the
+                               expected answer attends to most in a full-cache pass
+                               (bench/oracle.py; the ceiling of any query-agnostic score at M)
 
 Prompt protocol, the same for all: RULER's prompt in the default model's chat template (context,
 question and RULER's answer prefix in one prompt), prefilled whole; the system compresses its KV
@@ -20,8 +23,10 @@ M + B entries per KV head on average), then the answer is decoded greedily. KV k
 per request at its end (live over full-size entries).
 
 Samples: `--n` per task in every cell; the headline cells get `--headline-n` per task: full,
-retention-global at `--headline-budgets`, and, chosen after the first pass by mean score at
-those budgets, the best training-free policy and the best press. 95% bootstrap intervals.
+retention-global and the oracle at `--headline-budgets`, and, chosen after the first pass by
+mean score at those budgets, the best training-free policy and the best press. 95% bootstrap
+intervals. After the tables: retention-global's score over the full cache's and over the
+oracle's at each (length, M).
 
 `--reuse EARLIER.json` takes every row that does not read the gates (full, streaming, random,
 knorm, every kvpress row) from an earlier run with the same prompts and settings, so new gates
@@ -46,11 +51,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ is not on it
+import oracle  # noqa: E402
 import ruler  # noqa: E402
 from sglang_evict.serve import DEFAULT_GATES  # noqa: E402
 
 PRESSES = ("snapkv", "streamingllm", "expected_attention", "knorm", "adakv")
 TRAINING_FREE = ("streaming", "random", "knorm")
+ORACLE = "oracle"
 KVPRESS = ("kvpress==0.5.5", "transformers==5.2.0")
 PEER_VENV = Path(__file__).resolve().parent / ".venv-kvpress"
 DEFAULT_TASKS = ("niah_single_1", "niah_multikey_1", "niah_multivalue", "multiturn_recall")
@@ -139,14 +146,20 @@ def measure(jobs: list[tuple[dict, str, int | None]], server, args, model: Path,
     """Rows for the (sample, system, M) jobs not in `have`: server jobs on the server, kvpress
     jobs in the peer environment."""
     todo = [j for j in jobs if ruler.cell_key(*j) not in have]
-    ours = [j for j in todo if not j[1].startswith("kvpress:")]
+    ours = [j for j in todo if not j[1].startswith("kvpress:") and j[1] != ORACLE]
     peers: dict[tuple, tuple[dict, list]] = {}
+    hindsight: dict[tuple, tuple[dict, list]] = {}
     for s, p, m in todo:
+        key = (s["task"], s["length"], s["index"])
         if p.startswith("kvpress:"):
-            peers.setdefault((s["task"], s["length"], s["index"]), (s, []))[1].append((p, m))
-    print(f"{len(ours)} server requests, {len(todo) - len(ours)} kvpress rows", flush=True)
+            peers.setdefault(key, (s, []))[1].append((p, m))
+        elif p == ORACLE:
+            hindsight.setdefault(key, (s, []))[1].append(m)
+    print(f"{len(ours)} server requests, {sum(len(c) for _, c in peers.values())} kvpress rows, "
+          f"{sum(len(c) for _, c in hindsight.values())} oracle rows", flush=True)
     rows = ruler.serve_rows(server, ours, args.buffer, args.concurrency) if ours else []
     rows += run_peers(list(peers.values()), model, args.buffer, work)
+    rows += oracle.oracle_rows(model, list(hindsight.values())) if hindsight else []
     return rows
 
 
@@ -172,6 +185,7 @@ def run(args) -> dict:
     work = out.with_suffix(".work")
     gates = args.gates or str(DEFAULT_GATES)
     systems = [*args.policies, *(f"kvpress:{p}" for p in args.presses)]
+    systems += [ORACLE] if args.oracle else []
     budgets = sorted(set(args.budgets) | set(args.headline_budgets))
     pool = max(args.lengths) * (args.concurrency + 1)
     server_args = ruler.server_args_for(gates, budgets, args.buffer, pool, args.concurrency,
@@ -197,7 +211,8 @@ def run(args) -> dict:
     with ServerProcess(server_args, log_path=log) as server:
         started = time.time() - t0
         # Pass 1: every cell at n; the headline cells that do not depend on it at headline n.
-        fixed = [("full", None)] + [("retention-global", m) for m in args.headline_budgets]
+        fixed = [("full", None)] + [(p, m) for p in ("retention-global", ORACLE)
+                                    for m in args.headline_budgets if p in systems]
         jobs = jobs_for(first, args.n) + jobs_for(fixed, headline_n)
         jobs = list({ruler.cell_key(*j): j for j in jobs}.values())
         rows += measure(jobs, server, args, model, work, have)
@@ -228,12 +243,41 @@ def run(args) -> dict:
         "protocol": __doc__.split("Prompt protocol, the same for all: ")[1].split("\n\n")[0],
         "summary": ruler.summarize(rows, args.lengths, grid, args.tasks), "rows": rows,
     }
+    result["ratios"] = ratios(result)
     out.write_text(json.dumps(result, indent=1))
     ruler.plot(result, out.with_suffix(".png"))
     print(table(result))
     for length in args.lengths:
         print(f"\n{length} tokens: score (n) [95% CI] KV kept\n{matrix(result, length)}")
+    print("\n" + ratio_table(result["ratios"]))
     return result
+
+
+def ratios(result: dict) -> list[dict]:
+    """retention-global's score over the full cache's and over the oracle's, per (length, M)."""
+    cells = {(s["length"], s["policy"], s["budget"]): s["score"] for s in result["summary"]}
+    out = []
+    for length in result["lengths"]:
+        full = cells.get((length, "full", None))
+        for (n, p, m), score in cells.items():
+            if n != length or p != "retention-global":
+                continue
+            best = cells.get((length, ORACLE, m))
+            out.append({"length": length, "budget": m, "gates": score, "full": full,
+                        "oracle": best,
+                        "gates_over_full": score / full if full else None,
+                        "gates_over_oracle": score / best if best else None})
+    return sorted(out, key=lambda r: (r["length"], r["budget"]))
+
+
+def ratio_table(rows: list[dict]) -> str:
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = ["| length | M | gates | full | oracle | gates / full | gates / oracle |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['length']} | {r['budget']} | {fmt(r['gates'])} | {fmt(r['full'])} | "
+              f"{fmt(r['oracle'])} | {fmt(r['gates_over_full'])} | {fmt(r['gates_over_oracle'])} |"
+              for r in rows]
+    return "\n".join(lines)
 
 
 def key_of(r: dict) -> tuple:
@@ -289,6 +333,8 @@ def main(argv=None) -> int:
     p.add_argument("--presses", nargs="*", default=list(PRESSES), choices=PRESSES)
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--headline-budgets", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
+                   help="the hindsight oracle's rows (bench/oracle.py)")
     p.add_argument("--buffer", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=3)
     p.add_argument("--chunk", type=int, default=1024, help="--chunked-prefill-size")

@@ -122,3 +122,36 @@ def test_matrix_puts_each_system_on_a_row_and_each_budget_in_a_column(quality):
                         "0.600 (40) [0.50, 0.70] 50.0% |")
     assert lines[4] == "| knorm | - | 0.000 (12) [-0.10, 0.10] 50.0% |"
     assert len(lines) == 5
+
+
+def test_oracle_jobs_go_to_the_oracle_and_ratios_are_computed(quality, monkeypatch):
+    """measure() sends each job to its system (server, kvpress, hindsight oracle, grouped per
+    prompt); the ratio rows divide retention-global's score by the full cache's and the
+    oracle's at the same length and M."""
+    a = {"task": "niah_single_1", "length": 2048, "index": 0, "outputs": ["1"]}
+    b = dict(a, index=1)
+    seen = {}
+    monkeypatch.setattr(quality.ruler, "serve_rows",
+                        lambda server, jobs, buffer, conc: seen.setdefault("server", jobs) and [])
+    monkeypatch.setattr(quality, "run_peers",
+                        lambda cells, model, buffer, work: seen.setdefault("peers", cells) and [])
+    monkeypatch.setattr(quality.oracle, "oracle_rows",
+                        lambda model, jobs: seen.setdefault("oracle", jobs) and [])
+    jobs = [(a, "streaming", 64), (a, "oracle", 64), (a, "oracle", 128), (b, "oracle", 64),
+            (a, "kvpress:snapkv", 64), (b, "oracle", 256)]
+    args = type("Args", (), {"buffer": 32, "concurrency": 1})()
+    have = {quality.ruler.cell_key(b, "oracle", 256): {}}
+    quality.measure(jobs, None, args, Path("m"), Path("w"), have)
+    assert seen["server"] == [(a, "streaming", 64)]
+    assert seen["peers"] == [(a, [("kvpress:snapkv", 64)])]
+    assert seen["oracle"] == [(a, [64, 128]), (b, [64])]  # the reused row is not measured again
+    summary = [
+        {"length": 2048, "policy": "full", "budget": None, "score": 0.5},
+        {"length": 2048, "policy": "retention-global", "budget": 128, "score": 0.4},
+        {"length": 2048, "policy": "oracle", "budget": 128, "score": 0.8},
+        {"length": 2048, "policy": "retention-global", "budget": 64, "score": 0.1},
+    ]
+    rows = quality.ratios({"lengths": [2048], "summary": summary})
+    assert [(r["budget"], r["gates_over_full"], r["gates_over_oracle"]) for r in rows] == [
+        (64, pytest.approx(0.2), None), (128, pytest.approx(0.8), pytest.approx(0.5))]
+    assert "| 2048 | 128 | 0.40 | 0.50 | 0.80 | 0.80 | 0.50 |" in quality.ratio_table(rows)
