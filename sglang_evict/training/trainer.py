@@ -46,6 +46,13 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _machine(device: torch.device) -> str:
+    """Where a run trained, for the gates' provenance."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()} CPU cores ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def _lr_factor(step: int, config: TrainConfig) -> float:
     """Linear warm-up over warmup_steps, then cosine decay to min_lr_ratio at `steps`."""
     if config.warmup_steps and step < config.warmup_steps:
@@ -286,6 +293,7 @@ class Trainer:
                f"{c.eviction_chunk}), straight-through" if c.hard_eviction else ""),
             "dtype": self.dtype,
             "device": self.device.type,
+            "machine": _machine(self.device),
             "wall_minutes": round(self.elapsed() / 60, 2),
             "answer_weight": c.answer_weight,
             "final_last10": {
