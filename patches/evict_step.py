@@ -7,8 +7,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from sglang_evict.patches import gate_attach
 from sglang_evict.patches.evict_state import _state
+
+logger = logging.getLogger(__name__)
 
 FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 INIT_FORWARD_BATCH = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
@@ -39,10 +43,18 @@ def after_forward(result, runner, *args, **kwargs):
 
 
 def publish_metrics() -> None:
-    """Update the Prometheus metrics (after a step, and after SGLang flushed its cache)."""
+    """Check the head-slot balance and update the Prometheus metrics (after a step, and after
+    SGLang flushed its cache). The balance is host counters only, so it runs always; a broken
+    one is logged once per new value (`--evict-debug-check 1` finds where)."""
     state, runner = _state.cache, _state.runner
     if state is None or runner is None:
         return
+    gap = state.unaccounted()
+    if gap != state.reported_unaccounted:
+        if gap:
+            logger.error("sglang-evict: %d head-slots are neither free, listed by a request nor "
+                         "held by the radix cache (capacity %d)", gap, state.capacity)
+        state.reported_unaccounted = gap
     metrics = _metrics(runner, state)
     if metrics is not None:
         gates = gate_attach.attachment()

@@ -5,6 +5,9 @@ so /metrics aggregates them with SGLang's own) and updated after every forward s
 counters only: no device read.
 
     sglang_evict:head_slots_capacity / _free / _live / _tree     gauges (head-slots)
+    sglang_evict:head_slots_unaccounted                         gauge: capacity - free - listed
+                                                                 by requests - held by the
+                                                                 tree; 0 unless KV leaked
     sglang_evict:layer_live_share{layer}                        gauge: a layer's share of the
                                                                  live head-slots in use
     sglang_evict:evicted_head_slots_total                       counter (requests' own
@@ -37,6 +40,9 @@ class EvictMetrics:
         self.free = gauge("head_slots_free", "Free head-slots.")
         self.live = gauge("head_slots_live", "Head-slots holding KV.")
         self.tree = gauge("head_slots_tree", "Head-slots the radix cache holds.")
+        self.unaccounted = gauge("head_slots_unaccounted",
+                                 "Head-slots neither free, listed by a request nor held by the "
+                                 "radix cache (0 unless KV leaked).")
         self.layer_share = gauge("layer_live_share",
                                  "A layer's share of the head-slots running requests list.",
                                  ("layer",))
@@ -57,6 +63,7 @@ class EvictMetrics:
         self.free.labels(**lab).set(free)
         self.live.labels(**lab).set(cache.capacity - free)
         self.tree.labels(**lab).set(cache.tree_live)
+        self.unaccounted.labels(**lab).set(cache.reported_unaccounted)
         totals = (*cache.totals(), gated_prompt_tokens)
         for counter, now, before in zip((self.evicted, self.reclaimed, self.prefix_hits,
                                          self.gated), totals, self._seen):

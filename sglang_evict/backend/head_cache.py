@@ -225,6 +225,7 @@ class HeadKVCache:
         # of the live head-slots the tree holds and of those among them that are protected.
         self.tree_t = torch.full((num_virtual,), -1, dtype=torch.long, device=self.device)
         self.tree_live = 0
+        self.reported_unaccounted = 0  # the last balance the step logged (`unaccounted`)
         self.tree_protected = 0
         # Per head-slot, how many requests list it in their shared part (exact refcount), and
         # per (row, list) how many shared entries the row alone lists (host): those are the
@@ -790,9 +791,17 @@ class HeadKVCache:
         self.row_evictor.fill_(self._evictor_index(self.evictor))
 
     # ------------------------------------------------------------------ integrity
+    def unaccounted(self) -> int:
+        """capacity - free - listed privately by a request - held by the tree, from host
+        counters (O(rows), no device read): every head-slot is exactly one of the three, so
+        anything but 0 is a leak (> 0) or a double count (< 0). Cheap enough for every step."""
+        private = int((self.lists.lens_host - self.lists.shared_host).sum())
+        return self.capacity - self.pool.num_free - private - self.tree_live
+
     def check_integrity(self, req_to_token: torch.Tensor | None = None) -> None:
-        """The pool's and the lists' own checks, the host mirrors against the device, and, given
-        req_to_token, each active row's lists against a recomputation from the virtual map."""
+        """The pool's and the lists' own checks, the host mirrors against the device, the
+        host-counter balance (`unaccounted`), and, given req_to_token, each active row's lists
+        against a recomputation from the virtual map."""
         self.pool.check_integrity()
         vid = self.pool.slot_vid.long()
         tree_slots = (vid >= 0) & (self.tree_t[vid.clamp(min=0)] >= 0)
@@ -800,6 +809,9 @@ class HeadKVCache:
         if int(tree_slots.sum()) != self.tree_live:
             raise RuntimeError(
                 f"tree holds {int(tree_slots.sum())} head-slots, counted {self.tree_live}")
+        if self.unaccounted() != 0:
+            raise RuntimeError(f"{self.unaccounted()} head-slots neither free, listed by a "
+                               "request nor held by the tree")
         rows = torch.arange(self.stats.active.numel())
         entries, valid = self.lists.gather(rows)
         shared = self._shared_part(rows, valid)

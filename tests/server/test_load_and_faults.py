@@ -88,6 +88,11 @@ def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
     log = loaded_server.log_path.read_text(errors="replace")
     assert "KV cache pool is full. Retract requests." not in log
     assert "reclaimed" in log  # the pool did run short: the global evictor made the room
+    # the always-on balance (free + listed + tree-held == capacity) held, and was exported
+    text = requests.get(loaded_server.url + "/metrics", timeout=30).text
+    gauge = re.search(r"^sglang_evict:head_slots_unaccounted\{[^}]*\} (\S+)$", text, re.M)
+    assert gauge is not None and float(gauge.group(1)) == 0.0
+    assert "head-slots are neither free" not in log
     # drained: after a flush every head-slot is free, and the server keeps serving
     for _ in range(120):
         requests.post(loaded_server.url + "/flush_cache", timeout=30)

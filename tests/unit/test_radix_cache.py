@@ -220,6 +220,11 @@ def test_random_tree_and_request_operations_keep_every_invariant(ops, policy):
             if not isinstance(e, HeadSlotPoolFull):
                 raise
         cache.check_integrity(sim.req_to_token)
+        # the cheap host-counter balance, and the same balance from the device's owners: every
+        # live head-slot is a request's own or the tree's
+        owned = int((cache.lists.owner >= 0).sum())
+        assert cache.unaccounted() == 0
+        assert cache.capacity - cache.pool.num_free == owned + cache.tree_live
     for r in range(4):
         if sim.lens[r]:
             sim.finish(r)
