@@ -47,6 +47,18 @@ def _config(model_dir: Path, out_dir: Path, **overrides) -> tr.TrainConfig:
     return tr.load_config(None, values)
 
 
+def _loss_and_full_logits(trainer, ids, config, start):
+    """forward_backward's losses and gate gradients (the gradients then cleared), and the
+    teacher's and student's next-token log-probabilities from the full logits."""
+    got = tr.forward_backward(trainer.model, trainer.attachment, ids, config, answer_start=start)
+    grads = {n: p.grad.clone() for n, p in trainer.gates.named_parameters()}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        logp_t = torch.log_softmax(trainer.model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
+    logp_s = torch.log_softmax(tr.student_logits(trainer.model, trainer.attachment, ids)[0, :-1], -1)
+    return got, grads, logp_t, logp_s
+
+
 def test_student_equals_teacher_when_beta_is_one(tiny_model_dir):
     model = tr.load_base_model(tiny_model_dir)
     # z = 1e4 makes logsigmoid(z) exactly 0 in float32: β = 1, nothing decays.
@@ -336,13 +348,7 @@ def test_answer_tokens_weigh_answer_weight(tiny_model_dir, tmp_path):
     assert tokenizer.decode(ids[start:]).strip().startswith(sample["outputs"][0])
     ids = torch.tensor([ids])
 
-    got = tr.forward_backward(trainer.model, trainer.attachment, ids, config, answer_start=start)
-    got_grads = {n: p.grad.clone() for n, p in trainer.gates.named_parameters()}
-    trainer.optimizer.zero_grad(set_to_none=True)
-
-    with torch.no_grad():
-        logp_t = torch.log_softmax(trainer.model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
-    logp_s = torch.log_softmax(tr.student_logits(trainer.model, trainer.attachment, ids)[0, :-1], -1)
+    got, got_grads, logp_t, logp_s = _loss_and_full_logits(trainer, ids, config, start)
     labels = ids[0, 1:]
     kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
     ce = -logp_s.gather(1, labels[:, None])[:, 0]
@@ -383,13 +389,7 @@ def test_answer_only_objective_is_the_authors(tiny_model_dir, tmp_path):
     sample = trainer.data.sample(0)
     start = sample["answer_start"]
     ids = torch.tensor([sample["input_ids"]])
-    got = tr.forward_backward(trainer.model, trainer.attachment, ids, config, answer_start=start)
-    got_grads = {n: p.grad.clone() for n, p in trainer.gates.named_parameters()}
-    trainer.optimizer.zero_grad(set_to_none=True)
-
-    with torch.no_grad():
-        logp_t = torch.log_softmax(trainer.model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
-    logp_s = torch.log_softmax(tr.student_logits(trainer.model, trainer.attachment, ids)[0, :-1], -1)
+    got, got_grads, logp_t, logp_s = _loss_and_full_logits(trainer, ids, config, start)
     labels = ids[0, 1:]
     answer = slice(start - 1, None)  # label j is token j + 1
     kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)[answer]
