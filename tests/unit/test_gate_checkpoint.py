@@ -18,12 +18,14 @@ from sglang_evict.gate_checkpoint import (
     FORMAT_VERSION,
     HEADER_KEY,
     GateCheckpointError,
-    convert_trimkv_checkpoint,
-    import_trimkv,
-    import_trimkv_checkpoint,
     load_gates,
     read_gate_header,
     save_gates,
+)
+from sglang_evict.trimkv_import import (
+    convert_trimkv_checkpoint,
+    import_trimkv,
+    import_trimkv_checkpoint,
 )
 from sglang_evict.gates import GateConfig, RetentionGates, activation_fn, expected_tensor_shapes
 
@@ -314,7 +316,7 @@ def test_expected_shapes_cover_every_key_in_a_saved_file(tmp_path):
 
 # ---------------------------------------------------------------------- the authors' format
 #
-# Their keys (see the gate_checkpoint module docstring):
+# Their keys (see the trimkv_import module docstring):
 #   <prefix>layers.<i>.self_attn.retention_gate.{linear1.weight [I, d], linear1.bias [I],
 #       linear2.weight [H, I], bias [H]}                                      ('rg')
 #   + linear2 = [I, I] with bias, linear3.weight [H, I]                       ('rg10')
@@ -458,7 +460,7 @@ def test_import_rg10_tied_flag_with_distinct_copies_uses_last_layer(tmp_path, ca
     state = trimkv_state("rg10", tied=False)
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with caplog.at_level(logging.WARNING, logger="sglang_evict.gate_checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="sglang_evict.trimkv_import"):
         result = import_trimkv(path, hf_dict(retention_gate="rg10", tie_retention_gate_layers=True))
     assert result.gates.config.shared_projection is True
     assert "copies of linear3/bias differ" in caplog.text
