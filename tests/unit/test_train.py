@@ -464,3 +464,20 @@ def test_shipped_dbtrimkv_config_describes_the_served_default_gates():
     assert (f"hard eviction ({config.eviction_policy}, M={config.budget}, "
             f"B={config.eviction_buffer}, sinks={config.eviction_sinks}") in header.training["loss"]
     assert header.training["distilled"]["from"] == config.distill_from
+
+
+def test_the_committed_v2_run_resumes_with_its_config():
+    """train_runs/dbtrimkv_v2 holds a run's whole state; `--resume` with the committed config
+    is accepted (no field that changes what a step computes differs) and continues from the
+    saved step, with the authors' objective and the additive form's DBTrimKV settings."""
+    root = Path(__file__).resolve().parents[2]
+    config = tr.load_config(root / "configs" / "train_smollm2_dbtrimkv_v2.toml")
+    state = torch.load(root / config.out_dir / tr.CHECKPOINT_FILE, map_location="cpu",
+                       weights_only=False)
+    saved, now = state["config"], config.to_dict()
+    changed = [k for k in now if k not in tr.config.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    assert changed == []
+    assert state["step"] >= 1 and state["step"] == len(state["history"]) <= config.steps
+    assert config.answer_only and not config.hard_eviction and config.capacity_scope == "global"
+    assert (config.kl_weight, config.ce_weight, config.capacity_weight) == (0.5, 0.5, 1.0)
+    assert {"optimizer", "scheduler", "rng", "gates", "cursor"} <= set(state)
