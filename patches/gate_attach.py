@@ -170,7 +170,7 @@ def after_load_model(result, runner, *args, **kwargs):
     config = EvictConfig.from_env()
     if config.gates is None or runner.is_draft_worker:
         return result
-    from sglang_evict.gate_checkpoint import load_gates_for_model
+    from sglang_evict.gate_files import load_gates_for_model
 
     hf_config = runner.model_config.hf_config
     layers = decoder_layers(runner.model)

@@ -18,8 +18,8 @@ JSON object:
 ValueError) with a message that names the file and the problem, so a bad file stops the server
 at start-up rather than mid-serving.
 
-The authors' `trimkv_weights.pth` is read by `sglang_evict.trimkv_import`; `load_gates_for_model`
-takes either format.
+The authors' `trimkv_weights.pth` is read by `sglang_evict.trimkv_import`;
+`sglang_evict.gate_files.load_gates_for_model` takes either format.
 """
 
 from __future__ import annotations
@@ -282,18 +282,3 @@ def load_gates(
     gates = RetentionGates(header.config, init_std=0.0)
     gates.load_state_dict(state, strict=True)
     return gates.to(device)
-
-
-def load_gates_for_model(
-    path: str | os.PathLike[str], hf_config: Any, device: torch.device | str = "cpu"
-) -> RetentionGates:
-    """Gates for the served model from either format, checked against it: ours (a
-    .safetensors file) or the authors' (trimkv_weights.pth, or the folder holding it).
-    `hf_config` is the served model's Hugging Face config (object or config.json dict)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix in (".pth", ".pt", ".bin"):
-        from sglang_evict.trimkv_import import import_trimkv_checkpoint
-
-        expect = GateConfig.from_hf_config(hf_config)
-        return import_trimkv_checkpoint(path, expect).to(device)
-    return load_gates(path, expect=GateConfig.from_hf_config(hf_config), device=device)

@@ -154,7 +154,8 @@ class Trainer:
         self._stop_signal = False
 
     def _load_init_gates(self, path: str) -> None:
-        from sglang_evict.gate_checkpoint import GateCheckpointError, load_gates_for_model
+        from sglang_evict.gate_checkpoint import GateCheckpointError
+        from sglang_evict.gate_files import load_gates_for_model
 
         try:
             start = load_gates_for_model(path, self.model.config, device=self.device)
@@ -173,7 +174,8 @@ class Trainer:
     def _distill(self, path: str) -> None:
         """Fit the fresh gates to the scores of the gates in `path` (distill.py) on training
         sequences that the run itself never draws (indices from DISTILL_INDEX on)."""
-        from sglang_evict.gate_checkpoint import GateCheckpointError, load_gates_for_model
+        from sglang_evict.gate_checkpoint import GateCheckpointError
+        from sglang_evict.gate_files import load_gates_for_model
         from sglang_evict.training.distill import attention_inputs, distill_error, distill_gates
 
         try:

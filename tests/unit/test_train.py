@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sglang_evict import training as tr
-from sglang_evict.gate_checkpoint import load_gates, load_gates_for_model, read_gate_header
+from sglang_evict.gate_checkpoint import load_gates, read_gate_header
+from sglang_evict.gate_files import load_gates_for_model
 from sglang_evict.gates import GateConfig, RetentionGates
 
 LENGTH = 192  # tokens per training sequence: enough for the chat template and a needle
