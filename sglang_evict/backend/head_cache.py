@@ -199,7 +199,8 @@ class HeadKVCache:
         self.stats = RowStatsTable(num_rows)
         # Per-request evictors: row -> index into `evictors`; -1 = never evict this request.
         self.evictors: list[Evictor] = []
-        self.row_evictor = torch.full((num_rows,), self._evictor_index(evictor), dtype=torch.long)
+        self.row_evictor = torch.full((num_rows,), -1, dtype=torch.long)
+        self.row_evictor.fill_(self._evictor_index(evictor))
         self.new_slots: torch.Tensor | None = None  # [T, L, H] of the current step
         self.step: StepLists | None = None
         self.graph: GraphBuffers | None = None  # set when SGLang captures CUDA graphs
@@ -258,7 +259,7 @@ class HeadKVCache:
         for i, e in enumerate(self.evictors):
             if e is evictor:
                 return i
-        in_use = set(self.row_evictor.unique().tolist()) if hasattr(self, "row_evictor") else set()
+        in_use = set(self.row_evictor.unique().tolist())
         for i, e in enumerate(self.evictors):
             if i not in in_use and e is not self.evictor:
                 self.evictors[i] = evictor
@@ -809,9 +810,10 @@ class HeadKVCache:
         if int(tree_slots.sum()) != self.tree_live:
             raise RuntimeError(
                 f"tree holds {int(tree_slots.sum())} head-slots, counted {self.tree_live}")
-        if self.unaccounted() != 0:
-            raise RuntimeError(f"{self.unaccounted()} head-slots neither free, listed by a "
-                               "request nor held by the tree")
+        gap = self.unaccounted()
+        if gap != 0:
+            raise RuntimeError(f"{gap} head-slots neither free, listed by a request nor held by "
+                               "the tree")
         rows = torch.arange(self.stats.active.numel())
         entries, valid = self.lists.gather(rows)
         shared = self._shared_part(rows, valid)
