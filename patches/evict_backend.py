@@ -9,13 +9,14 @@ from sglang_evict.patches.evict_state import HeadEvictError, _state, config
 
 def create_backend(runner):
     from sglang_evict.backend.attention_backend import HeadSlotAttnBackend
+    from sglang_evict.patches.gate_attach import attachment
 
     if _state.cache is None:
         raise HeadEvictError(
             f"--attention-backend {ATTENTION_BACKEND} serves head-granular KV: start the "
             "server with sglang-evict serve --evict-policy ..."
         )
-    return HeadSlotAttnBackend(runner, _state.cache, config())
+    return HeadSlotAttnBackend(runner, _state.cache, config(), attachment)
 
 
 def register_backend() -> None:

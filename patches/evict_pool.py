@@ -8,7 +8,7 @@
 - ModelRunner.alloc_memory_pool (AFTER): build the HeadKVCache, after checking that the model's
   attention is one the kernels implement, capping the running requests the user left open to
   what the pool holds at budget, and checking that one step always fits.
-(DefaultPoolConfigurator._compute_cell_size, in gate_attach, adds the head-slot metadata and the
+(DefaultPoolConfigurator._compute_cell_size, in gate_scores, adds the head-slot metadata and the
 virtual map to the per-token cost, so one memory budget covers everything.)
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from sglang_evict.patches.evict_state import HeadEvictError, _state, config
+from sglang_evict.sizing import default_running, protected_fits
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
         return result
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    from sglang_evict.eviction.evictor import Evictor
     from sglang_evict.backend.head_cache import HeadKVCache
+    from sglang_evict.eviction.settings import make_evictor
 
     pool = runner.token_to_kv_pool
     if not isinstance(pool, MHATokenToKVPool):
@@ -85,8 +86,7 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
     n = _state.physical_tokens
     if n is None:
         raise HeadEvictError("sglang-evict: the KV pool was sized without the eviction hook")
-    ev_cfg = cfg.evictor_config()
-    evictor = Evictor(ev_cfg, L, H) if ev_cfg is not None else None
+    evictor = make_evictor(cfg, L, H)
     alloc = runner.token_to_kv_pool_allocator
     state = HeadKVCache(
         num_virtual=alloc.size + pool.page_size + 1,
@@ -122,13 +122,11 @@ def _fit_running(runner, evicting: bool, n: int) -> None:
     memory, e.g. --mem-fraction-static), cap the running requests as `serve` does for a given
     pool: every one can hold its budget beside a prefill chunk. SGLang's own default (about half
     the pool's tokens) assumes nothing is evicted and would fail the fit check below."""
-    from sglang_evict.serve import default_running
-
     sa = runner.server_args
     chunk = sa.chunked_prefill_size
     if not evicting or sa.max_running_requests is not None or not chunk or chunk > n // 2:
         return  # set by the user (checked below), or a chunk _check_fits refuses
-    fit = default_running(config(), n, chunk)
+    fit = default_running(config().budget, config().buffer, n, chunk)
     if fit < runner.max_running_requests:
         logger.info("sglang-evict: pool of %d tokens at full size: max running requests %d "
                     "(SGLang's default %d)", n, fit, runner.max_running_requests)
@@ -150,8 +148,7 @@ def _check_fits(runner, state, n: int) -> None:
         )
     pol = state.evictor.config.policy if state.evictor is not None else None
     if pol is not None:
-        protected = (pol.sinks + pol.window + 1) * runner.max_running_requests
-        if protected + chunk > n:
+        if not protected_fits(runner.max_running_requests, pol.sinks, pol.window, chunk, n):
             raise HeadEvictError(
                 f"sglang-evict: {runner.max_running_requests} running requests x (sinks "
                 f"{pol.sinks} + window {pol.window} + 1) protected tokens plus a prefill chunk "

@@ -112,8 +112,9 @@ _evictors: OrderedDict = OrderedDict()  # repr(EvictorConfig) -> Evictor, least 
 
 def _evictor_for(cfg: EvictConfig):
     from sglang_evict.eviction.evictor import Evictor
+    from sglang_evict.eviction.settings import evictor_config
 
-    ev_cfg = cfg.evictor_config()
+    ev_cfg = evictor_config(cfg)
     if ev_cfg is None:
         return None
     key = repr(ev_cfg)

@@ -4,11 +4,7 @@ environment) and the head-slot cache once the model runner has built it."""
 from __future__ import annotations
 
 from sglang_evict.config import EvictConfig
-
-
-
-class HeadEvictError(RuntimeError):
-    pass
+from sglang_evict.errors import HeadEvictError  # noqa: F401  (raised by the hooks)
 
 
 class _State:

@@ -175,23 +175,6 @@ class EvictConfig:
         """Head-granular KV (the sglang_evict attention backend) replaces SGLang's KV pool."""
         return self.policy is not None
 
-    def evictor_config(self):
-        """The evictor settings of this policy (None for policy none: nothing is evicted)."""
-        if self.policy in (None, "none"):
-            return None
-        from sglang_evict.eviction.evictor import EvictorConfig
-        from sglang_evict.eviction.policies import make_policy
-
-        name, mode = POLICY_CHOICES[self.policy]
-        retention = {"lookahead": self.lookahead} if name == "retention" else {}
-        return EvictorConfig(
-            budget=self.budget,
-            policy=make_policy(name, sinks=self.sinks, window=self.window, **retention),
-            buffer=self.buffer,
-            mode=mode,
-            min_per_head=self.min_per_head,
-        )
-
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 

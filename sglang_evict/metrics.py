@@ -62,7 +62,7 @@ class EvictMetrics:
         free = cache.pool.num_free
         self.free.labels(**lab).set(free)
         self.live.labels(**lab).set(cache.capacity - free)
-        self.tree.labels(**lab).set(cache.tree_live)
+        self.tree.labels(**lab).set(cache.tree.live)
         self.unaccounted.labels(**lab).set(cache.reported_unaccounted)
         totals = (*cache.totals(), gated_prompt_tokens)
         for counter, now, before in zip((self.evicted, self.reclaimed, self.prefix_hits,

@@ -4,11 +4,11 @@ eviction, from a model's config.json and a GPU's memory (or a KV pool size in to
 The arithmetic is the server's own:
 - the KV pool: SGLang gives `mem_fraction_static` of the GPU to weights and KV pool together;
   the pool is the rest, divided by SGLang's per-token cost (K and V of every layer) plus, with
-  eviction, the head-slot metadata and virtual map of `head_cache.bytes_per_token`;
+  eviction, the head-slot metadata and virtual map of `sizing.bytes_per_token`;
 - without eviction a request holds its whole context and output;
 - with eviction `serve` allows as many running requests as can each hold M + B + 1 head-slots
-  per (layer, KV head) beside one prefill chunk (`serve.default_running`, the chunk
-  `serve.default_chunk` unless given); SGLang's token ids are virtual, `--evict-oversubscribe`
+  per (layer, KV head) beside one prefill chunk (`sizing.default_running`, the chunk
+  `sizing.default_chunk` unless given); SGLang's token ids are virtual, `--evict-oversubscribe`
   per physical token, and every request holds one per token of its context and output.
 With a larger `--max-running-requests`, the global evictor squeezes running requests below M
 (down to their sinks and window) before SGLang would retract one: `squeezed` is that bound.
@@ -122,8 +122,7 @@ def plan(shape: ModelShape, *, context: int, output: int, budget: int,
          cfg: EvictConfig | None = None, gpu_memory: int | None = None,
          mem_fraction: float = DEFAULT_MEM_FRACTION, kv_tokens: int | None = None,
          chunk: int | None = None) -> Plan:
-    from sglang_evict.backend.head_cache import bytes_per_token
-    from sglang_evict.serve import default_chunk, default_running
+    from sglang_evict.sizing import bytes_per_token, default_chunk, default_running
 
     cfg = cfg or EvictConfig(policy="retention-global", budget=budget)
     if context < 1 or output < 0 or budget < 1:
@@ -150,7 +149,7 @@ def plan(shape: ModelShape, *, context: int, output: int, budget: int,
         return pool_bytes // (shape.kv_bytes_per_token + extra)
 
     def at_budget_of(physical: int) -> int:
-        return default_running(cfg, physical, chunk or default_chunk(physical))
+        return default_running(cfg.budget, cfg.buffer, physical, chunk or default_chunk(physical))
 
     physical = physical_tokens(cfg.oversubscribe)
     chunk = chunk or default_chunk(physical)

@@ -35,9 +35,8 @@ def register() -> None:
     hook_check.register(HookRegistry, HookType)
     if why is not None:
         return
-    from sglang_evict.patches import cpu_rotary, gate_attach, head_evict
+    from sglang_evict.patches import cpu_rotary, gate_attach, gate_scores, head_evict, request_meta
 
-    cpu_rotary.register(HookRegistry, HookType)
-    gate_attach.register(HookRegistry, HookType)
-    head_evict.register(HookRegistry, HookType)
+    for hooks in (cpu_rotary, gate_attach, gate_scores, request_meta, head_evict):
+        hooks.register(HookRegistry, HookType)
     logger.info("sglang-evict plugin registered")

@@ -28,6 +28,7 @@ from sglang_evict.config import (
     split_argv,
 )
 from sglang_evict.patches import evict_refusals
+from sglang_evict.sizing import default_chunk, default_running, protected_fits
 
 # Fits long-context tests on a 24 GiB machine; SGLang's own CPU default sizes the pool from
 # free RAM (about 14 GiB of KV for the default model), which also makes start-up take ~25 s.
@@ -186,19 +187,6 @@ def _int_flag(argv: list[str], flag: str) -> int | None:
         raise StartupError(f"{flag} must be an integer, got {v!r}") from None
 
 
-def default_chunk(pool: int) -> int:
-    """The prefill chunk `serve` chooses for a pool of `pool` tokens at full size: half of it,
-    at most 4096 (eviction needs room beside a chunk)."""
-    return max(1, min(4096, pool // 2))
-
-
-def default_running(config: EvictConfig, pool: int, chunk: int) -> int:
-    """The running requests `serve` allows with eviction: every one can hold its whole budget
-    (M + B, plus the next token) beside a prefill chunk, without squeezing another; reclaim
-    makes room beyond that only under pressure."""
-    return max(1, (pool - chunk) // (config.budget + config.buffer + 1))
-
-
 def with_fitting_sizes(config: EvictConfig, argv: list[str], pool: int) -> list[str]:
     """Derive what the user left open from the physical pool (`pool` tokens at full size) and
     the eviction settings, say what was chosen, and refuse only what cannot work: a prefill
@@ -218,17 +206,17 @@ def with_fitting_sizes(config: EvictConfig, argv: list[str], pool: int) -> list[
         )
     if config.policy not in (None, "none"):
         protected = config.sinks + config.window + 1
-        if protected + chunk > pool:
+        if not protected_fits(1, config.sinks, config.window, chunk, pool):
             raise StartupError(
                 f"one request's protected tokens (sinks {config.sinks} + window {config.window} "
                 f"+ 1) plus a prefill chunk of {chunk} exceed the pool of {pool} tokens"
             )
         running = _int_flag(out, "--max-running-requests")
         if running is None:
-            running = default_running(config, pool, chunk)
+            running = default_running(config.budget, config.buffer, pool, chunk)
             out += ["--max-running-requests", str(running)]
             chosen.append(f"--max-running-requests {running}")
-        elif running * protected + chunk > pool:
+        elif not protected_fits(running, config.sinks, config.window, chunk, pool):
             raise StartupError(
                 f"--max-running-requests {running} x {protected} protected tokens (sinks "
                 f"{config.sinks} + window {config.window} + 1) plus a prefill chunk of {chunk} "

@@ -17,14 +17,15 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from sglang_evict.kernels import head_store, ragged_attention
-from sglang_evict.patches import gate_attach
-from sglang_evict.patches.evict_state import HeadEvictError
+from sglang_evict.errors import HeadEvictError
 
 
 class HeadSlotAttnBackend(AttentionBackend):
-    def __init__(self, runner, cache, config):
+    def __init__(self, runner, cache, config, gates=lambda: None):
         super().__init__()
         self.cache = cache
+        # () -> the model's attached gates (their log beta pending per layer), or None
+        self._gates = gates
         self.device = runner.device
         self.req_to_token = runner.req_to_token_pool.req_to_token
         self._flashinfer = None
@@ -81,7 +82,7 @@ class HeadSlotAttnBackend(AttentionBackend):
         return 1  # padded requests: their lists are empty whatever their length
 
     def _log_beta(self, layer_id: int, n: int, like: torch.Tensor) -> torch.Tensor:
-        gates = gate_attach.attachment()
+        gates = self._gates()
         if gates is not None:
             pending = gates.pending.pop(layer_id, None)
             if pending is not None:

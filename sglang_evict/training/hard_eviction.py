@@ -20,6 +20,7 @@ import torch
 
 from sglang_evict.config import POLICY_CHOICES, EvictConfig
 from sglang_evict.eviction.evictor import Evictor
+from sglang_evict.eviction.settings import evictor_config
 
 
 def serving_steps(length: int, prompt_len: int | None, chunk: int) -> list[int]:
@@ -40,7 +41,7 @@ def make_evictor(policy: str, budget: int, buffer: int, sinks: int, window: int,
         raise ValueError(f"eviction_policy must be a policy that evicts, got {policy!r}")
     cfg = EvictConfig(policy=policy, budget=budget, buffer=buffer, sinks=sinks, window=window,
                       lookahead=lookahead)
-    return Evictor(cfg.evictor_config(), num_layers, num_kv_heads)
+    return Evictor(evictor_config(cfg), num_layers, num_kv_heads)
 
 
 def eviction_times(log_beta: torch.Tensor, evictor: Evictor, steps: list[int],

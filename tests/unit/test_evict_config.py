@@ -8,6 +8,7 @@ import os
 import pytest
 
 from sglang_evict.config import ENV_VAR, EvictConfig, EvictConfigError, split_argv
+from sglang_evict.eviction.settings import evictor_config
 
 
 def test_split_argv_takes_only_evict_flags(tmp_path):
@@ -66,14 +67,14 @@ def test_eviction_flags_parse_and_build_the_evictor(tmp_path):
     ])
     assert rest == ["--port", "1"]
     assert config.evicting and config.active and config.virtual_factor == 8
-    ev = config.evictor_config()
+    ev = evictor_config(config)
     assert (ev.budget, ev.buffer, ev.mode, ev.min_per_head) == (64, 32, "global", 4)
     assert (ev.policy.name, ev.policy.sinks, ev.policy.window) == ("retention", 2, 16)
     per_head, _ = split_argv(["--evict-policy", "retention", "--evict-budget", "8",
                               "--evict-gates", str(gates)])
-    assert per_head.evictor_config().mode == "per_head"
+    assert evictor_config(per_head).mode == "per_head"
     none, _ = split_argv(["--evict-policy", "none"])
-    assert none.evicting and none.evictor_config() is None and none.virtual_factor == 1
+    assert none.evicting and evictor_config(none) is None and none.virtual_factor == 1
     assert EvictConfig.from_env({ENV_VAR: config.to_env()}) == config
 
 
@@ -114,7 +115,7 @@ def test_per_request_override_merges_over_the_server_settings(monkeypatch):
     cfg = evict_requests.request_config({"sglang_evict": {"budget": 8, "window": 4}})
     assert (cfg.policy, cfg.budget, cfg.window, cfg.sinks) == ("streaming", 8, 4, 2)
     full = evict_requests.request_config({"sglang_evict": {"policy": "none"}})
-    assert full.evictor_config() is None
+    assert evictor_config(full) is None
     for bad, message in [
         ({"sglang_evict": {"budget": 0}}, r"sglang_evict\.budget must be an integer in \[1, "),
         ({"sglang_evict": {"budgets": 8}}, "unknown field"),
@@ -143,29 +144,29 @@ def test_lookahead_flag_and_override_set_the_served_score(tmp_path, monkeypatch)
              "--evict-gates", str(gates), "--evict-sinks", "0"]
     plain, _ = split_argv(flags)
     ahead, _ = split_argv(flags + ["--evict-lookahead", "1"])
-    assert plain.evictor_config().policy.lookahead == 0
-    assert ahead.evictor_config().policy.lookahead == 1
+    assert evictor_config(plain).policy.lookahead == 0
+    assert evictor_config(ahead).policy.lookahead == 1
     # Two entries whose order flips with the offset: an old one with beta near 1 and a recent
     # one with a small beta. t = 10.
     log_beta = torch.tensor([[-0.1], [-0.7]])
     positions = torch.tensor([0, 9])
     inputs = ScoreInputs(positions, torch.tensor([10, 10]), 1, log_beta, None)
     for cfg, offset in ((plain, 0), (ahead, 1)):
-        score = cfg.evictor_config().policy.score(inputs)[:, 0].double()
+        score = evictor_config(cfg).policy.score(inputs)[:, 0].double()
         expect = (10 + offset - positions).double() * log_beta[:, 0].double()
         assert torch.allclose(score, expect, atol=1e-5)
-    plain_order = plain.evictor_config().policy.score(inputs)[:, 0].argsort().tolist()
-    ahead_order = ahead.evictor_config().policy.score(inputs)[:, 0].argsort().tolist()
+    plain_order = evictor_config(plain).policy.score(inputs)[:, 0].argsort().tolist()
+    ahead_order = evictor_config(ahead).policy.score(inputs)[:, 0].argsort().tolist()
     # now: -1.0 vs -0.7 (the old entry goes first); one step on: -1.1 vs -1.4 (the recent one)
     assert plain_order == [0, 1] and ahead_order == [1, 0]
 
     monkeypatch.setattr(evict_state._state, "config", plain)  # --evict-overrides clamp
     cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}})
-    assert cfg.evictor_config().policy.lookahead == 0  # at most the server's
+    assert evictor_config(cfg).policy.lookahead == 0  # at most the server's
     open_server, _ = split_argv(flags + ["--evict-overrides", "any"])
     monkeypatch.setattr(evict_state._state, "config", open_server)
     cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}})
-    assert cfg.evictor_config().policy.lookahead == 1
+    assert evictor_config(cfg).policy.lookahead == 1
     with pytest.raises(ValueError, match=r"sglang_evict\.lookahead must be an integer in \[0, "):
         evict_requests.request_config({"sglang_evict": {"lookahead": -2}})
     with pytest.raises(ValueError, match="lookahead applies to the retention policies"):

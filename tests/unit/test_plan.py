@@ -28,7 +28,7 @@ def test_weights_and_kv_cost_from_the_config(llama):
 
 
 def test_a_gpu_plan(llama):
-    from sglang_evict.backend.head_cache import bytes_per_token
+    from sglang_evict.sizing import bytes_per_token
 
     cfg = EvictConfig(policy="retention-global", budget=128)
     p = plan(llama, context=32768, output=512, budget=128, cfg=cfg,

@@ -38,7 +38,7 @@ def test_a_later_turn_reuses_the_compressed_history_without_copying_it():
     history = sim.req_to_token[0, :15].clone()
     survivors = cache.pool.slot_map[history.long()].clone()
     sim.finish(0)
-    assert cache.tree_live == int((survivors >= 0).sum())  # the tree keeps what survived
+    assert cache.tree.live == int((survivors >= 0).sum())  # the tree keeps what survived
     free = cache.pool.num_free
     sim.admit(1, 0, 15, 3, log_beta=None)  # turn 2: the whole history matched, 3 new tokens
     now = cache.pool.slot_map[history.long()]
@@ -52,7 +52,7 @@ def test_a_later_turn_reuses_the_compressed_history_without_copying_it():
     sim.finish(1)
     for i in range(len(sim.sequences)):
         sim.evict_sequence(i)
-    assert cache.pool.num_free == cache.capacity and cache.tree_live == 0
+    assert cache.pool.num_free == cache.capacity and cache.tree.live == 0
     cache.check_integrity()
 
 
@@ -64,13 +64,13 @@ def test_a_prefix_two_requests_list_is_evicted_by_neither_of_them():
     sim.admit(1, 0, 8, 1, log_beta=None)
     sim.admit(2, 0, 8, 1, log_beta=None)
     held = cache.pool.slot_map[history].clone()
-    assert int(cache.holders.max()) == 2
+    assert int(cache.tree.holders.max()) == 2
     for _ in range(10):
         sim.step({1: 1, 2: 1}, log_beta=None)
         assert torch.equal(cache.pool.slot_map[history], held)
     assert cache.row_stats(1).evictions > 0 and cache.row_stats(2).evictions > 0
     sim.finish(2)  # row 1 alone lists the prefix now: its next eviction may compress it
-    assert int(cache.alone_host[1].sum()) == int((held >= 0).sum())
+    assert int(cache.tree.alone_host[1].sum()) == int((held >= 0).sum())
     for _ in range(8):
         sim.step({1: 1}, log_beta=None)
     assert not torch.equal(cache.pool.slot_map[history], held)
@@ -83,10 +83,10 @@ def test_global_evictor_takes_the_tree_entries_with_the_lowest_utility():
     for _ in range(4):
         sim.step({0: 1}, log_beta=None)
     sim.finish(0)
-    held = cache.tree_live
+    held = cache.tree.live
     assert held > 0 and cache.pool.num_free < 16 * HPT
     sim.admit(1, None, 0, 16, log_beta=None)  # does not fit beside the tree: reclaim
-    assert cache.reclaims >= 1 and cache.tree_live < held
+    assert cache.reclaims >= 1 and cache.tree.live < held
     tree_ids = sim.sequences[0]
     kept = _live(cache, tree_ids)
     assert bool(kept[0].all())  # the tree's sink survives
@@ -168,10 +168,10 @@ def test_abort_keeps_the_tree_and_frees_only_the_request_own():
     sim.admit(0, None, 0, 6, log_beta=None)
     sim.finish(0)
     sim.admit(1, 0, 6, 5, log_beta=None)
-    tree = cache.tree_live  # what the tree still holds after row 1 compressed the history
+    tree = cache.tree.live  # what the tree still holds after row 1 compressed the history
     assert 0 < tree
     sim.finish(1, into_tree=False)  # client disconnected
-    assert cache.tree_live == tree and cache.pool.num_free == cache.capacity - tree
+    assert cache.tree.live == tree and cache.pool.num_free == cache.capacity - tree
     cache.check_integrity()
 
 
@@ -200,7 +200,7 @@ def test_random_tree_and_request_operations_keep_every_invariant(ops, policy):
                     seq = live_seqs[a % len(live_seqs)]
                     prefix = 1 + a % sim.sequences[seq].numel()
                     ids = sim.sequences[seq][:prefix]
-                    assert bool((cache.tree_t[ids.long()] >= 0).all())  # never freed KV
+                    assert bool((cache.tree.tree_t[ids.long()] >= 0).all())  # never freed KV
                     sim.admit(row, seq, prefix, b, log_beta=None)
                 else:
                     sim.admit(row, None, 0, b, log_beta=None)
@@ -224,11 +224,11 @@ def test_random_tree_and_request_operations_keep_every_invariant(ops, policy):
         # live head-slot is a request's own or the tree's
         owned = int((cache.lists.owner >= 0).sum())
         assert cache.unaccounted() == 0
-        assert cache.capacity - cache.pool.num_free == owned + cache.tree_live
+        assert cache.capacity - cache.pool.num_free == owned + cache.tree.live
     for r in range(4):
         if sim.lens[r]:
             sim.finish(r)
     for i in range(len(sim.sequences)):
         assert sim.sequences[i].numel() == 0 or sim.evict_sequence(i)
     cache.check_integrity(sim.req_to_token)
-    assert cache.pool.num_free == cache.capacity and cache.tree_live == 0
+    assert cache.pool.num_free == cache.capacity and cache.tree.live == 0

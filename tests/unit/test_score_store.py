@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from sglang_evict.kernels.kv_store import paged_view, store_kv_scores_reference
-from sglang_evict.patches.gate_attach import GateAttachError, decoder_layers, request_stats
+from sglang_evict.patches.gate_attach import GateAttachError, decoder_layers
+from sglang_evict.patches.request_meta import request_stats
 from sglang_evict.cache.score_store import UNWRITTEN_POS, ScoreStore, bytes_per_slot
 
 
@@ -88,19 +89,19 @@ def test_finished_request_stats_are_bounded(monkeypatch):
     from types import SimpleNamespace
 
     from sglang_evict.config import EvictConfig
-    from sglang_evict.patches import gate_attach
+    from sglang_evict.patches import gate_attach, request_meta
 
     state = gate_attach.GateAttachment(EvictConfig(), gates=None, num_layers=1, num_kv_heads=1)
     state.store = ScoreStore(4, 1, 1, 1, "cpu")
     monkeypatch.setattr(gate_attach, "_attachment", state)
-    monkeypatch.setattr(gate_attach, "MAX_PENDING_STATS", 3)
-    monkeypatch.setattr(gate_attach, "_finished_stats", {})
+    monkeypatch.setattr(request_meta, "MAX_PENDING_STATS", 3)
+    monkeypatch.setattr(request_meta, "_finished_stats", {})
     rows = SimpleNamespace(req_to_token=torch.tensor([[0, 1, 2, 3]]))
     tree_cache = SimpleNamespace(req_to_token_pool=rows)
     for i in range(5):
         kv = SimpleNamespace(req_pool_idx=0, kv_committed_len=2)
         req = SimpleNamespace(rid=f"r{i}", finished=lambda: True, kv=kv)
-        gate_attach.before_release_kv_cache(req, tree_cache)
+        request_meta.before_release_kv_cache(req, tree_cache)
     # Requests that were never streamed (aborted) cannot pile up: only the newest stay.
-    assert list(gate_attach._finished_stats) == ["r2", "r3", "r4"]
-    assert gate_attach._finished_stats["r4"]["scored_tokens"] == 2
+    assert list(request_meta._finished_stats) == ["r2", "r3", "r4"]
+    assert request_meta._finished_stats["r4"]["scored_tokens"] == 2

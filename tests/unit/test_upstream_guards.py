@@ -82,12 +82,13 @@ def _params(dotted: str) -> list[str]:
 
 
 def test_gate_attach_targets():
-    from sglang_evict.patches import gate_attach as g
+    from sglang_evict.patches import gate_attach, gate_scores
+    from sglang_evict.patches import request_meta as g
 
-    assert _params(g.LOAD_MODEL) == ["self"]
-    assert _params(g.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
-    assert _params(g.CELL_SIZE) == ["self", "kvc", "num_layers"]
-    assert _params(g.STORE_KV) == ["self", "layer_idx", "loc", "cache_k", "cache_v"]
+    assert _params(gate_attach.LOAD_MODEL) == ["self"]
+    assert _params(gate_scores.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
+    assert _params(gate_scores.CELL_SIZE) == ["self", "kvc", "num_layers"]
+    assert _params(gate_scores.STORE_KV) == ["self", "layer_idx", "loc", "cache_k", "cache_v"]
     assert _params(g.RELEASE_KV)[:2] == ["req", "tree_cache"]
     assert _params(g.STREAMER_CLASS) == ["self"]
     assert _params(g.UPDATE_META) == [
@@ -230,7 +231,7 @@ def test_evict_meta_info_is_one_object_beside_accumulated_customized_info():
     sent once when the request finishes, arrives as one object while other keys keep
     SGLang's list semantics (including the slice a streamed chunk takes)."""
     from sglang.srt.managers import tokenizer_manager as tm
-    from sglang_evict.patches import gate_attach as g
+    from sglang_evict.patches import request_meta as g
 
     manager = tm.TokenizerManager.__new__(tm.TokenizerManager)
     state = type("State", (), {})()

@@ -1,0 +1,107 @@
+"""Per-request statistics in the response's meta_info["sglang_evict"]. Targets sglang 0.5.23
+(checked by tests/unit/test_upstream_guards.py):
+- release_kv_cache (BEFORE): the request's eviction statistics (and, in the gates-only mode, its
+  scores read from the score store), taken when SGLang releases its KV.
+- Scheduler.get_output_streamer_class (AROUND): they ride the output streamer's per-request
+  customized info.
+- TokenizerManager.update_request_meta_info (AROUND): that entry is one object. SGLang's
+  customized info is a list accumulated over a request's outputs (and sliced per streamed
+  chunk); ours is sent once, when the request finishes, so it is set, not accumulated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_evict.cache.score_store import ScoreStore
+from sglang_evict.config import EvictConfig
+from sglang_evict.patches import evict_step
+from sglang_evict.patches.gate_attach import attachment
+
+RELEASE_KV = "sglang.srt.mem_cache.common.release_kv_cache"
+STREAMER_CLASS = "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class"
+UPDATE_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
+META_KEY = "sglang_evict"
+MAX_PENDING_STATS = 4096
+
+# Per-request statistics waiting for the request's response (rid -> meta_info entry). Entries
+# are popped when the response is streamed; a request that finishes without a response
+# (aborted) would leave one behind, so only the newest MAX_PENDING_STATS are kept.
+_finished_stats: dict[str, dict] = {}
+
+
+def request_stats(store: ScoreStore, slots: torch.Tensor) -> dict:
+    log_beta, _ = store.read(slots)  # [L, n, H]
+    per_head = log_beta.double().mean(dim=1) if slots.numel() else log_beta.new_zeros(
+        store.num_layers, store.num_kv_heads, dtype=torch.float64
+    )
+    return {
+        "scored_tokens": int(slots.numel()),
+        "mean_log_beta_per_layer": per_head.mean(dim=1).tolist(),
+        "mean_log_beta_per_layer_head": per_head.tolist(),
+    }
+
+
+def before_release_kv_cache(req, tree_cache, *args, **kwargs):
+    row = req.kv.req_pool_idx
+    if row is None:
+        return None
+    # Always hand the row's eviction statistics over: the row may be reused next step.
+    evict_stats = evict_step.release_stats(req, row)
+    if not req.finished():
+        return None
+    entry = dict(evict_stats or {})
+    state = attachment()
+    if state is not None and state.store is not None:
+        # The last sampled token has no KV yet; committed KV is what the score store covers.
+        n = req.kv.kv_committed_len
+        slots = tree_cache.req_to_token_pool.req_to_token[row, :n]
+        entry.update(request_stats(state.store, slots))
+    if not entry:
+        return None
+    _finished_stats[req.rid] = entry
+    while len(_finished_stats) > MAX_PENDING_STATS:
+        _finished_stats.pop(next(iter(_finished_stats)))
+    return None
+
+
+def around_output_streamer_class(original, scheduler, *args, **kwargs):
+    base = original(scheduler, *args, **kwargs)
+    if not EvictConfig.from_env().active:
+        return base
+
+    class EvictOutputStreamer(base):
+        has_additional_customized_info = True
+
+        def build_additional_customized_info(self, reqs):
+            values = super().build_additional_customized_info(reqs)
+            values[META_KEY] = [
+                [_finished_stats.pop(r.rid)] if r.rid in _finished_stats else [] for r in reqs
+            ]
+            return values
+
+        def is_request_level_customized_info_key(self, key):
+            return key == META_KEY or super().is_request_level_customized_info_key(key)
+
+    EvictOutputStreamer.__name__ = f"Evict{base.__name__}"
+    return EvictOutputStreamer
+
+
+def around_update_request_meta_info(original, manager, meta_info, state, customized_info, index,
+                                    *args, **kwargs):
+    if META_KEY not in customized_info:
+        return original(manager, meta_info, state, customized_info, index, *args, **kwargs)
+    rest = {k: v for k, v in customized_info.items() if k != META_KEY}
+    result = original(manager, meta_info, state, rest, index, *args, **kwargs)
+    entries = customized_info[META_KEY][index]
+    if entries:
+        meta_info[META_KEY] = entries[-1]
+    return result
+
+
+def register(registry, hook_type) -> None:
+    if not EvictConfig.from_env().active:
+        return
+    registry.register(RELEASE_KV, before_release_kv_cache, hook_type.BEFORE)
+    registry.register(STREAMER_CLASS, around_output_streamer_class, hook_type.AROUND)
+    registry.register(UPDATE_META, around_update_request_meta_info, hook_type.AROUND)

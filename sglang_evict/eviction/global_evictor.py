@@ -1,0 +1,111 @@
+"""The global evictor: one ranking over the whole head-slot pool when it runs short.
+
+Every running request's private entries (each scored by its own policy; a request with policy
+none is never reclaimed from) and every head-slot the radix tree holds (scored by the server's
+policy at its youngest holder's length; pinned while a policy-none request lists it) compete in
+one selection; the lowest utility leaves first, protected entries never."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from sglang_evict.eviction.evictor import keep_top
+
+logger = logging.getLogger(__name__)
+
+
+class GlobalEvictor:
+    def __init__(self, cache, requests, select_keep=None):
+        self.cache = cache
+        self.requests = requests  # RequestEvictors: each row's policy
+        # Ranks every live head-slot of the pool as one row: the Triton radix select spreads
+        # that over many programs (a k-th value runs one block per row); None: torch.
+        self._select_keep = select_keep
+        self.reclaims = 0
+        self.reclaimed_total = 0
+
+    def rows(self) -> torch.Tensor:
+        """Host rows the global evictor may take from: running, holding entries, evicting."""
+        st = self.cache.stats
+        return (st.active & (st.live > 0) & (self.requests.row_evictor >= 0)).nonzero()[:, 0]
+
+    def reclaim(self, deficit: int) -> int:
+        """Free at least `deficit` head-slots, lowest utility first. Returns the number freed
+        (less than deficit only when too much is protected)."""
+        c = self.cache
+        dev = c.device
+        st = c.stats
+        rows = self.rows()
+        entries, valid = c.lists.gather(rows)
+        R, LH, W = entries.shape
+        private = c.tree.private(rows, valid)
+        scores = torch.full((R, LH, W), -math.inf, device=dev)
+        ev_ids = self.requests.row_evictor[rows]
+        pos = c.pos[entries.clamp(min=0)]
+        seq = st.seq_len[rows].to(dev)
+        for i in torch.unique(ev_ids).tolist():  # one pass per distinct policy
+            sel = (ev_ids == i).to(dev)
+            scores[sel] = self.requests.evictors[i].score_lists(
+                entries[sel], private[sel], pos[sel], seq[sel], c.log_beta, c.k
+            )
+        tree_slots, tree_lh, tree_scores = self._tree_candidates()
+        flat = torch.cat([scores.view(-1), tree_scores])
+        live = int(private.sum()) + tree_slots.numel()
+        evictable = int(torch.isfinite(flat).sum())  # -inf: no entry; +inf: protected
+        take = min(deficit, evictable)
+        if take <= 0:
+            return 0
+        # ties to the lower (row, layer, head, list index), then the tree's entries
+        if self._select_keep is not None:
+            keep = self._select_keep(flat, live - take)
+        else:
+            tie = torch.arange(flat.numel(), device=dev).view(1, -1)
+            keep = keep_top(flat.view(1, -1), live - take, tie)[0]
+        n_rows = R * LH * W
+        keep_rows = (keep[:n_rows].view(R, LH, W) & valid) | (valid & ~private)
+        dropped = c.drop(rows, entries, valid, keep_rows)
+        st.reclaimed[rows] += dropped
+        st.evicted[rows] += dropped
+        st.live[rows] -= dropped
+        gone = ~keep[n_rows:]
+        freed = int(dropped.sum()) + c.tree.evict(tree_slots[gone], tree_lh[gone])
+        self.reclaims += 1
+        self.reclaimed_total += freed
+        c.evicted_total += freed
+        logger.info("sglang-evict: reclaimed %d head-slots across %d requests and the tree",
+                    freed, R)
+        return freed
+
+    def _tree_candidates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tree's live head-slots (slots, layer*H + head, scores): the server's policy
+        scores them at their youngest holder's length; pinned ones score +inf."""
+        c = self.cache
+        default = self.requests.default
+        none = torch.zeros(0, dtype=torch.long, device=c.device)
+        if c.tree.live == 0 or default is None:
+            return none, none, torch.zeros(0, device=c.device)
+        slots, lh, t, pinned = c.tree.candidates(self.requests.row_evictor < 0)
+        n = slots.numel()
+        scores = default.score_lists(
+            slots.view(1, 1, n), torch.ones(1, 1, n, dtype=torch.bool, device=c.device),
+            c.pos[slots].view(1, 1, n), t.view(1, 1, n), c.log_beta, c.k,
+        ).view(n)
+        return slots, lh, scores.masked_fill(pinned, math.inf)
+
+    def reclaimable(self) -> int:
+        """Head-slots that `reclaim` could free now: private live minus an upper bound on
+        protected ones (sinks plus recent window of every request; a cheap bound, no scoring),
+        plus the unprotected head-slots the tree holds."""
+        c = self.cache
+        tree = c.tree.live - c.tree.protected if self.requests.default is not None else 0
+        rows = self.rows()
+        if rows.numel() == 0:
+            return max(tree, 0)
+        pols = [e.config.policy for e in self.requests.evictors]
+        prot = torch.tensor([p.sinks + p.window + 1 for p in pols], dtype=torch.long)
+        protected = torch.minimum(c.stats.seq_len[rows], prot[self.requests.row_evictor[rows]])
+        live = (c.lists.lens_host[rows] - c.lists.shared_host[rows]).sum(dim=1)
+        return int((live - protected * c.heads_per_token).clamp(min=0).sum()) + max(tree, 0)
