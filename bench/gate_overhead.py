@@ -50,8 +50,8 @@ def bench_server(args) -> dict:
     from transformers import AutoTokenizer
 
     from sglang_evict import default_model
-    from sglang_evict.gate_checkpoint import save_gates
-    from sglang_evict.gates import GateConfig, RetentionGates
+    from sglang_evict.gates.checkpoint import save_gates
+    from sglang_evict.gates.modules import GateConfig, RetentionGates
     from sglang_evict.server_process import ServerProcess
 
     model_path = default_model.resolve()
@@ -99,7 +99,7 @@ def bench_server(args) -> dict:
 def bench_shapes(args) -> dict:
     import torch
 
-    from sglang_evict.gates import GateConfig, RetentionGates
+    from sglang_evict.gates.modules import GateConfig, RetentionGates
     from sglang_evict.kernels import kv_store
 
     cuda = torch.cuda.is_available()

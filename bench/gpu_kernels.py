@@ -46,7 +46,8 @@ def _kernels():
         sub = types.ModuleType("sglang_evict.kernels")
         sub.__path__ = [str(ROOT / "kernels")]
         sys.modules["sglang_evict"], sys.modules["sglang_evict.kernels"] = pkg, sub
-    names = ("ragged_attention", "live_indices", "head_store", "select", "flashinfer_lists")
+    names = ("ragged_attention", "ragged_attention_torch", "live_indices", "head_store", "select",
+             "flashinfer_lists")
     return {n: importlib.import_module(f"sglang_evict.kernels.{n}") for n in names}
 
 
@@ -95,7 +96,7 @@ def check_decode(k, shape, batch, live, dtype, dev, reps, out):
     q = torch.randn(batch, Hq, D, generator=gen).to(dev, dtype)
     sm = 1 / math.sqrt(D)
     got = ra.ragged_decode_attention(q, k_slots, v_slots, indptr, indices, sm)
-    want = ra.ragged_decode_attention_torch(q, k_slots, v_slots, indptr, indices, sm)
+    want = k["ragged_attention_torch"].ragged_decode_attention_torch(q, k_slots, v_slots, indptr, indices, sm)
     err = (got.float() - want.float()).abs().max().item()
     t_tri = _time(lambda: ra.ragged_decode_attention(q, k_slots, v_slots, indptr, indices, sm), reps)
     kd = k_slots[indices.long()].view(batch, H, live, D)
@@ -155,7 +156,7 @@ def check_extend(k, shape, chunk, live, dtype, dev, reps, out):
     args = (q, q_pos, q_req, k_slots, v_slots, slot_pos, indptr, indices, sm)
     # positions run along each list, as in the live lists: tiles stop at their last visible key
     got = ra.ragged_extend_attention(*args, num_kv_heads=H, positions_sorted=True)
-    want = ra.ragged_extend_attention_torch(*args, num_kv_heads=H)
+    want = k["ragged_attention_torch"].ragged_extend_attention_torch(*args, num_kv_heads=H)
     err = (got.float() - want.float()).abs().max().item()
     t_tri = _time(lambda: ra.ragged_extend_attention(*args, num_kv_heads=H, positions_sorted=True),
                   reps)

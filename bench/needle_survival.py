@@ -34,7 +34,7 @@ def survival(samples, model_path, gates_path, budget: int, buffer: int, sinks: i
              chunk: int) -> list[dict]:
     from transformers import AutoTokenizer
 
-    from sglang_evict.gate_files import load_gates_for_model
+    from sglang_evict.gates.files import load_gates_for_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = oracle.load_model(model_path)

@@ -51,8 +51,8 @@ def write_init_gates(model_path: Path, out: Path) -> Path:
     reference."""
     import torch
 
-    from sglang_evict.gate_checkpoint import save_gates
-    from sglang_evict.gates import GateConfig, RetentionGates
+    from sglang_evict.gates.checkpoint import save_gates
+    from sglang_evict.gates.modules import GateConfig, RetentionGates
 
     hf = json.loads((model_path / "config.json").read_text())
     gates = RetentionGates(GateConfig.from_hf_config(hf, gate_hidden=64, shared_projection=True))

@@ -51,7 +51,7 @@ def _imports():
         from sglang_evict.policies import make_policy
         new = False
     from sglang_evict.kernels import head_store
-    from sglang_evict.kernels.ragged_attention import ragged_decode_attention_torch
+    from sglang_evict.kernels.ragged_attention_torch import ragged_decode_attention_torch
     # what the backend stores with on CPU
     store = getattr(head_store, "store_head_slots_torch", head_store.store_head_slots_reference)
     return HeadKVCache, Evictor, EvictorConfig, make_policy, store, \

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 
+from sglang_evict.patches.runtime import bind
+
 TARGET = "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__"
 RUNNER_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.__init__"
 
-# Set by the ModelRunner hook; the rotary hook reads it. One process builds one model runner
-# (plus possibly draft runners on the same device), so a process-wide flag is sufficient.
-_serving_on_cpu = False
 
 
 def device_is_cpu(server_args) -> bool:
@@ -32,13 +31,14 @@ def device_is_cpu(server_args) -> bool:
     return str(device).split(":", 1)[0] == "cpu"
 
 
-def before_model_runner_init(*args, **kwargs):
-    global _serving_on_cpu
+def before_model_runner_init(rt, *args, **kwargs):
+    # One process builds one model runner (plus maybe draft runners on the same device): the
+    # runtime's flag is what the rotary hook reads.
     server_args = kwargs.get("server_args")
     if server_args is None and len(args) > 5:
         server_args = args[5]  # (self, model_config, mem_fraction_static, gpu_id, nccl_port, server_args)
     if server_args is not None:
-        _serving_on_cpu = device_is_cpu(server_args)
+        rt.serving_on_cpu = device_is_cpu(server_args)
     return None
 
 
@@ -54,13 +54,13 @@ def _cpu_flag():
         base._is_cpu = saved
 
 
-def around_rotary_init(original, *args, **kwargs):
-    if not _serving_on_cpu:
+def around_rotary_init(rt, original, *args, **kwargs):
+    if not rt.serving_on_cpu:
         return original(*args, **kwargs)
     with _cpu_flag():
         return original(*args, **kwargs)
 
 
-def register(registry, hook_type) -> None:
-    registry.register(RUNNER_TARGET, before_model_runner_init, hook_type.BEFORE)
-    registry.register(TARGET, around_rotary_init, hook_type.AROUND)
+def register(registry, hook_type, rt) -> None:
+    registry.register(RUNNER_TARGET, bind(rt, before_model_runner_init), hook_type.BEFORE)
+    registry.register(TARGET, bind(rt, around_rotary_init), hook_type.AROUND)

@@ -8,11 +8,16 @@
 - PrefillAdder.__init__ (AFTER) / add_one_req / add_chunked_req (AROUND): a prefill round counts
   the physical tokens free or reclaimable, less the decode tokens a mixed chunk carries; a
   request whose next chunk does not fit waits, so admission never outgrows the pool.
+- validate_input_length, as the scheduler calls it (AROUND): a request whose protected KV can
+  never fit the physical pool is refused with HTTP 400 naming the limit, instead of waiting
+  forever (the pool SGLang checks against is the virtual one, `--evict-oversubscribe` times
+  larger).
 """
 
 from __future__ import annotations
 
-from sglang_evict.patches.evict_state import _state
+from sglang_evict.patches import evict_step
+from sglang_evict.patches.runtime import bind
 
 ALLOC_FREE = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free"
 ALLOC_CLEAR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear"
@@ -22,28 +27,27 @@ DECODE_CAPACITY = (
 PREFILL_ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder.__init__"
 ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 ADD_CHUNKED_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
+VALIDATE_INPUT = "sglang.srt.managers.scheduler.validate_input_length"
 
 
-def around_alloc_free(original, allocator, free_index, *args, **kwargs):
-    state = _state.cache
+def around_alloc_free(rt, original, allocator, free_index, *args, **kwargs):
+    state = rt.cache
     if state is not None and allocator.free_group is None and free_index.numel():
         state.free(free_index)
     return original(allocator, free_index, *args, **kwargs)
 
 
-def after_alloc_clear(result, allocator, *args, **kwargs):
-    state = _state.cache
+def after_alloc_clear(rt, result, allocator, *args, **kwargs):
+    state = rt.cache
     if state is not None:
         state.reset()
-        from sglang_evict.patches.evict_step import publish_metrics
-
-        publish_metrics()
+        evict_step.publish_metrics(rt)
     return result
 
 
-def around_decode_capacity(original, allocator, *args, **kwargs):
+def around_decode_capacity(rt, original, allocator, *args, **kwargs):
     ok = original(allocator, *args, **kwargs)
-    state = _state.cache
+    state = rt.cache
     if not ok or state is None:
         return ok
     requests = kwargs.get("requests")
@@ -57,10 +61,10 @@ def physical_tokens_available(state) -> int:
     return (state.pool.num_free + state.reclaimable()) // state.heads_per_token
 
 
-def after_prefill_adder_init(result, adder, *args, **kwargs):
+def after_prefill_adder_init(rt, result, adder, *args, **kwargs):
     # The physical tokens this prefill round may still use (the adder lives for one round),
     # less one per running request a mixed chunk (--enable-mixed-chunk) decodes beside it.
-    state = _state.cache
+    state = rt.cache
     if state is not None:
         mixed = _mixed_decode_tokens(args, kwargs)
         adder._evict_tokens_left = physical_tokens_available(state) - mixed
@@ -114,10 +118,43 @@ def around_add_chunked_req(original, adder, req, *args, **kwargs):
     return _admit(original, adder, req, req, *args, **kwargs)
 
 
-def register(registry, hook_type) -> None:
-    registry.register(ALLOC_FREE, around_alloc_free, hook_type.AROUND)
-    registry.register(ALLOC_CLEAR, after_alloc_clear, hook_type.AFTER)
-    registry.register(DECODE_CAPACITY, around_decode_capacity, hook_type.AROUND)
-    registry.register(PREFILL_ADDER, after_prefill_adder_init, hook_type.AFTER)
+def never_fits(cfg, prompt_len: int, pool: int, chunk: int) -> str | None:
+    """One line if a request with settings `cfg` (EvictConfig) and a prompt of `prompt_len`
+    tokens can never run in a physical pool of `pool` tokens with prefill chunks of `chunk`:
+    what it keeps whole (policy none: the prompt and its next token; otherwise its sinks,
+    recent window and next token, beside one prefill chunk) exceeds the pool; else None."""
+    if cfg.policy in (None, "none"):
+        need, what = prompt_len + 1, "its whole prompt and next token (policy none)"
+    else:
+        protected = min(prompt_len + 1, cfg.sinks + cfg.window + 1)
+        need = protected + min(chunk, prompt_len)
+        what = (f"{protected} protected tokens (sinks {cfg.sinks} + window {cfg.window} + 1) "
+                f"beside a prefill chunk of {min(chunk, prompt_len)}")
+    if need <= pool:
+        return None
+    return (f"sglang-evict: this request keeps {what}: {need} tokens of KV, more than the "
+            f"physical pool holds ({pool} tokens at full size)")
+
+
+def around_validate_input_length(rt, original, req, *args, **kwargs):
+    error = original(req, *args, **kwargs)
+    if error is not None or rt.cache is None or rt.physical_tokens is None:
+        return error
+    from sglang_evict.patches.evict_requests import request_config
+
+    try:
+        cfg = request_config(req.sampling_params.custom_params, rt.config) or rt.config
+    except ValueError as e:  # refused in the tokenizer manager already; say it again here
+        return str(e)
+    chunk = rt.prefill_chunk or rt.physical_tokens
+    return never_fits(cfg, len(req.origin_input_ids), rt.physical_tokens, chunk)
+
+
+def register(registry, hook_type, rt) -> None:
+    registry.register(ALLOC_FREE, bind(rt, around_alloc_free), hook_type.AROUND)
+    registry.register(ALLOC_CLEAR, bind(rt, after_alloc_clear), hook_type.AFTER)
+    registry.register(DECODE_CAPACITY, bind(rt, around_decode_capacity), hook_type.AROUND)
+    registry.register(PREFILL_ADDER, bind(rt, after_prefill_adder_init), hook_type.AFTER)
+    registry.register(VALIDATE_INPUT, bind(rt, around_validate_input_length), hook_type.AROUND)
     registry.register(ADD_ONE_REQ, around_add_one_req, hook_type.AROUND)
     registry.register(ADD_CHUNKED_REQ, around_add_chunked_req, hook_type.AROUND)

@@ -4,22 +4,22 @@ position into head-slots and attends over the live lists."""
 from __future__ import annotations
 
 from sglang_evict.config import ATTENTION_BACKEND
-from sglang_evict.patches.evict_state import HeadEvictError, _state, config
+from sglang_evict.errors import HeadEvictError
+from sglang_evict.patches.runtime import bind
 
 
-def create_backend(runner):
+def create_backend(rt, runner):
     from sglang_evict.backend.attention_backend import HeadSlotAttnBackend
-    from sglang_evict.patches.gate_attach import attachment
 
-    if _state.cache is None:
+    if rt.cache is None:
         raise HeadEvictError(
             f"--attention-backend {ATTENTION_BACKEND} serves head-granular KV: start the "
             "server with sglang-evict serve --evict-policy ..."
         )
-    return HeadSlotAttnBackend(runner, _state.cache, config(), attachment)
+    return HeadSlotAttnBackend(runner, rt.cache, rt.config, lambda: rt.gates)
 
 
-def register_backend() -> None:
+def register_backend(rt) -> None:
     """Make `--attention-backend sglang_evict` known (server main parses the CLI; the scheduler
     builds the backend)."""
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
@@ -27,4 +27,4 @@ def register_backend() -> None:
 
     if ATTENTION_BACKEND not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([ATTENTION_BACKEND])
-    register_attention_backend(ATTENTION_BACKEND)(create_backend)
+    register_attention_backend(ATTENTION_BACKEND)(bind(rt, create_backend))

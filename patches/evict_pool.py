@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 
-from sglang_evict.patches.evict_state import HeadEvictError, _state, config
+from sglang_evict.errors import HeadEvictError
+from sglang_evict.patches.runtime import bind
 from sglang_evict.sizing import default_running, protected_fits
 
 logger = logging.getLogger(__name__)
@@ -43,15 +44,15 @@ def check_model(model_config) -> None:
             )
 
 
-def around_derive_pool_sizes(original, configurator, *args, **kwargs):
+def around_derive_pool_sizes(rt, original, configurator, *args, **kwargs):
     sizes = original(configurator, *args, **kwargs)
     if configurator.is_draft_worker:
         return sizes
     import msgspec
 
     n = sizes.max_total_num_tokens
-    _state.physical_tokens = n
-    virtual = n * config().virtual_factor
+    rt.physical_tokens = n
+    virtual = n * rt.config.virtual_factor
     logger.info(
         "sglang-evict: KV memory for %d tokens at full size; %d virtual token ids", n, virtual
     )
@@ -65,7 +66,7 @@ def around_create_buffers(original, pool, *args, **kwargs):
     return NoOpMHATokenToKVPool._create_buffers(pool)
 
 
-def after_alloc_memory_pool(result, runner, *args, **kwargs):
+def after_alloc_memory_pool(rt, result, runner, *args, **kwargs):
     if runner.is_draft_worker:
         return result
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
@@ -81,9 +82,9 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
     if pool.page_size != 1:
         raise HeadEvictError(f"sglang-evict eviction needs --page-size 1, got {pool.page_size}")
     check_model(runner.model_config)
-    cfg = config()
+    cfg = rt.config
     L, H = pool.layer_num, pool.head_num
-    n = _state.physical_tokens
+    n = rt.physical_tokens
     if n is None:
         raise HeadEvictError("sglang-evict: the KV pool was sized without the eviction hook")
     evictor = make_evictor(cfg, L, H)
@@ -103,10 +104,10 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
         debug_check=bool(cfg.debug_check),
         use_triton=cfg.use_triton(pool.device),
     )
-    _fit_running(runner, evictor is not None, n)
-    _check_fits(runner, state, n)
-    _state.cache = state
-    _state.runner = runner
+    _fit_running(runner, cfg, evictor is not None, n)
+    rt.prefill_chunk = _check_fits(runner, state, n)
+    rt.cache = state
+    rt.runner = runner
     logger.info(
         "sglang-evict: head-slot KV %.1f MiB: %d head-slots (%d tokens x %d layers x %d KV "
         "heads), %d virtual ids, policy %s%s",
@@ -117,7 +118,7 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
     return result
 
 
-def _fit_running(runner, evicting: bool, n: int) -> None:
+def _fit_running(runner, cfg, evicting: bool, n: int) -> None:
     """Where the user left --max-running-requests open and SGLang sized the pool itself (from
     memory, e.g. --mem-fraction-static), cap the running requests as `serve` does for a given
     pool: every one can hold its budget beside a prefill chunk. SGLang's own default (about half
@@ -126,7 +127,7 @@ def _fit_running(runner, evicting: bool, n: int) -> None:
     chunk = sa.chunked_prefill_size
     if not evicting or sa.max_running_requests is not None or not chunk or chunk > n // 2:
         return  # set by the user (checked below), or a chunk _check_fits refuses
-    fit = default_running(config().budget, config().buffer, n, chunk)
+    fit = default_running(cfg.budget, cfg.buffer, n, chunk)
     if fit < runner.max_running_requests:
         logger.info("sglang-evict: pool of %d tokens at full size: max running requests %d "
                     "(SGLang's default %d)", n, fit, runner.max_running_requests)
@@ -135,9 +136,9 @@ def _fit_running(runner, evicting: bool, n: int) -> None:
             runner.memory_pool_config.max_running_requests = fit
 
 
-def _check_fits(runner, state, n: int) -> None:
+def _check_fits(runner, state, n: int) -> int:
     """Refuse settings under which one step could need more head-slots than exist even after
-    evicting everything evictable."""
+    evicting everything evictable; returns the prefill chunk."""
     sa = runner.server_args
     chunk = sa.chunked_prefill_size if sa.chunked_prefill_size and sa.chunked_prefill_size > 0 else None
     if chunk is None or chunk > n // 2:
@@ -155,9 +156,10 @@ def _check_fits(runner, state, n: int) -> None:
                 f"of {chunk} exceed the physical pool of {n} tokens; lower "
                 "--max-running-requests or the protected sizes"
             )
+    return chunk
 
 
-def register(registry, hook_type) -> None:
-    registry.register(DERIVE_SIZES, around_derive_pool_sizes, hook_type.AROUND)
+def register(registry, hook_type, rt) -> None:
+    registry.register(DERIVE_SIZES, bind(rt, around_derive_pool_sizes), hook_type.AROUND)
     registry.register(CREATE_BUFFERS, around_create_buffers, hook_type.AROUND)
-    registry.register(ALLOC_POOL, after_alloc_memory_pool, hook_type.AFTER)
+    registry.register(ALLOC_POOL, bind(rt, after_alloc_memory_pool), hook_type.AFTER)

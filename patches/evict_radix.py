@@ -10,13 +10,13 @@ request's matched prefix is loaded into its lists when it first runs (HeadKVCach
 
 from __future__ import annotations
 
-from sglang_evict.patches.evict_state import _state
+from sglang_evict.patches.runtime import bind
 
 CHECKPOINT = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.checkpoint"
 
 
-def after_checkpoint(result, tree_cache, req, *args, **kwargs):
-    state = _state.cache
+def after_checkpoint(rt, result, tree_cache, req, *args, **kwargs):
+    state = rt.cache
     if state is None or tree_cache.disable:
         return result
     row = req.kv.req_pool_idx
@@ -28,5 +28,5 @@ def after_checkpoint(result, tree_cache, req, *args, **kwargs):
     return result
 
 
-def register(registry, hook_type) -> None:
-    registry.register(CHECKPOINT, after_checkpoint, hook_type.AFTER)
+def register(registry, hook_type, rt) -> None:
+    registry.register(CHECKPOINT, bind(rt, after_checkpoint), hook_type.AFTER)

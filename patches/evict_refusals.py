@@ -5,7 +5,8 @@ calls the same `refusal` before SGLang starts."""
 from __future__ import annotations
 
 from sglang_evict.config import ATTENTION_BACKEND, EvictConfig
-from sglang_evict.patches.evict_state import HeadEvictError, config
+from sglang_evict.errors import HeadEvictError
+from sglang_evict.patches.runtime import bind
 
 CHECK_ARGS = "sglang.srt.server_args.ServerArgs.check_server_args"
 # KV dtypes the head-slot pool stores (the model's own, or bf16); every fp8 / fp4 / mx recipe
@@ -78,12 +79,12 @@ def _flashinfer_refusal(get) -> str | None:
     return flashinfer_available()
 
 
-def after_check_server_args(result, server_args, *args, **kwargs):
-    why = refusal(server_args, config())
+def after_check_server_args(rt, result, server_args, *args, **kwargs):
+    why = refusal(server_args, rt.config)
     if why is not None:
         raise HeadEvictError(f"sglang-evict: {why}")
     return result
 
 
-def register(registry, hook_type) -> None:
-    registry.register(CHECK_ARGS, after_check_server_args, hook_type.AFTER)
+def register(registry, hook_type, rt) -> None:
+    registry.register(CHECK_ARGS, bind(rt, after_check_server_args), hook_type.AFTER)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import OrderedDict
 
 from sglang_evict.config import POLICY_CHOICES, EvictConfig
-from sglang_evict.patches.evict_state import _state, config
+from sglang_evict.patches.runtime import bind
 
 SAMPLING_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
 PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
@@ -63,7 +62,7 @@ def _checked_fields(override: dict) -> dict:
     return dict(override)
 
 
-def request_config(custom_params) -> EvictConfig | None:
+def request_config(custom_params, server: EvictConfig) -> EvictConfig | None:
     """The per-request override in `custom_params["sglang_evict"]` (same names as the server
     flags without the --evict- prefix), checked, bounded, limited by what the operator allows
     (`--evict-overrides`), and merged over the server's settings; None if absent. ValueError
@@ -71,7 +70,6 @@ def request_config(custom_params) -> EvictConfig | None:
     if not isinstance(custom_params, dict) or REQUEST_KEY not in custom_params:
         return None
     override = custom_params[REQUEST_KEY]
-    server = config()
     if not server.evicting:
         raise ValueError(f"{_where()}: this server was started without --evict-policy")
     if server.overrides == "none":
@@ -100,41 +98,40 @@ def request_config(custom_params) -> EvictConfig | None:
     return cfg
 
 
-def after_sampling_verify(result, params, *args, **kwargs):
+def after_sampling_verify(rt, result, params, *args, **kwargs):
     # Runs in the tokenizer manager: a bad override is refused with the request, before any
     # scheduling, and never reaches the scheduler.
-    request_config(params.custom_params)
+    request_config(params.custom_params, rt.config)
     return result
 
 
-_evictors: OrderedDict = OrderedDict()  # repr(EvictorConfig) -> Evictor, least recent first
-
-
-def _evictor_for(cfg: EvictConfig):
+def _evictor_for(rt, cfg: EvictConfig):
+    """The evictor of an override; the newest EVICTOR_CACHE distinct ones are kept."""
     from sglang_evict.eviction.evictor import Evictor
     from sglang_evict.eviction.settings import evictor_config
 
     ev_cfg = evictor_config(cfg)
     if ev_cfg is None:
         return None
+    known = rt.request_evictors  # repr(EvictorConfig) -> Evictor, least recent first
     key = repr(ev_cfg)
-    if key not in _evictors:
-        _evictors[key] = Evictor(ev_cfg, _state.cache.num_layers, _state.cache.num_kv_heads)
-        while len(_evictors) > EVICTOR_CACHE:
-            _evictors.popitem(last=False)
-    _evictors.move_to_end(key)
-    return _evictors[key]
+    if key not in known:
+        known[key] = Evictor(ev_cfg, rt.cache.num_layers, rt.cache.num_kv_heads)
+        while len(known) > EVICTOR_CACHE:
+            known.popitem(last=False)
+    known.move_to_end(key)
+    return known[key]
 
 
-def after_prepare_for_extend(result, batch, *args, **kwargs):
-    state = _state.cache
+def after_prepare_for_extend(rt, result, batch, *args, **kwargs):
+    state = rt.cache
     if state is None:
         return result
     for req in batch.reqs:
-        cfg = request_config(req.sampling_params.custom_params)
+        cfg = request_config(req.sampling_params.custom_params, rt.config)
         row = req.kv.req_pool_idx
         if cfg is not None and row is not None:
-            state.set_row_evictor(row, _evictor_for(cfg))
+            state.set_row_evictor(row, _evictor_for(rt, cfg))
     return result
 
 
@@ -148,7 +145,7 @@ def before_validate_request(manager, obj, input_ids, *args, **kwargs):
     return None
 
 
-def register(registry, hook_type) -> None:
+def register(registry, hook_type, rt) -> None:
     registry.register(VALIDATE_REQUEST, before_validate_request, hook_type.BEFORE)
-    registry.register(SAMPLING_VERIFY, after_sampling_verify, hook_type.AFTER)
-    registry.register(PREPARE_EXTEND, after_prepare_for_extend, hook_type.AFTER)
+    registry.register(SAMPLING_VERIFY, bind(rt, after_sampling_verify), hook_type.AFTER)
+    registry.register(PREPARE_EXTEND, bind(rt, after_prepare_for_extend), hook_type.AFTER)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from sglang_evict.patches import gate_attach
-from sglang_evict.patches.evict_state import _state
+from sglang_evict.patches.runtime import bind
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +29,23 @@ def after_init_forward_batch(forward_batch, *args, **kwargs):
     return forward_batch
 
 
-def after_forward(result, runner, *args, **kwargs):
+def after_forward(rt, result, runner, *args, **kwargs):
     forward_batch = args[0] if args else kwargs["forward_batch"]
-    state = _state.cache
-    if state is None or runner is not _state.runner:
+    state = rt.cache
+    if state is None or runner is not rt.runner:
         return result
     if forward_batch.forward_mode.is_idle() or state.new_slots is None:
         return result
     state.after_forward(forward_batch, runner.req_to_token_pool.req_to_token)
-    publish_metrics()
+    publish_metrics(rt)
     return result
 
 
-def publish_metrics() -> None:
+def publish_metrics(rt) -> None:
     """Check the head-slot balance and update the Prometheus metrics (after a step, and after
     SGLang flushed its cache). The balance is host counters only, so it runs always; a broken
     one is logged once per new value (`--evict-debug-check 1` finds where)."""
-    state, runner = _state.cache, _state.runner
+    state, runner = rt.cache, rt.runner
     if state is None or runner is None:
         return
     gap = state.unaccounted()
@@ -55,34 +54,30 @@ def publish_metrics() -> None:
             logger.error("sglang-evict: %d head-slots are neither free, listed by a request nor "
                          "held by the radix cache (capacity %d)", gap, state.capacity)
         state.reported_unaccounted = gap
-    metrics = _metrics(runner, state)
+    metrics = _metrics(rt)
     if metrics is not None:
-        gates = gate_attach.attachment()
+        gates = rt.gates
         gated = gates.gated_prompt_token_layers / gates.num_layers if gates is not None else 0.0
         metrics.update(state, gated)
 
 
-_metrics_of: dict = {}
-
-
-def _metrics(runner, state):
+def _metrics(rt):
     """The Prometheus metrics of this scheduler process (`--enable-metrics`), or None."""
-    key = id(runner)
-    if key not in _metrics_of:
-        m = None
+    if not rt.metrics_made:
+        runner = rt.runner
         if getattr(runner.server_args, "enable_metrics", False):
             from sglang_evict.metrics import EvictMetrics
 
             labels = {"model_name": str(runner.server_args.served_model_name),
                       "tp_rank": str(getattr(runner, "tp_rank", 0))}
-            m = EvictMetrics(state, labels)
-        _metrics_of[key] = m
-    return _metrics_of[key]
+            rt.metrics = EvictMetrics(rt.cache, labels)
+        rt.metrics_made = True
+    return rt.metrics
 
 
-def release_stats(req, row: int) -> dict | None:
+def release_stats(rt, req, row: int) -> dict | None:
     """Statistics of the request leaving `row` (called when SGLang releases its KV)."""
-    state = _state.cache
+    state = rt.cache
     if state is None:
         return None
     stats, ev = state.release(row)
@@ -103,6 +98,6 @@ def _policy_label(ev) -> dict:
     }
 
 
-def register(registry, hook_type) -> None:
+def register(registry, hook_type, rt) -> None:
     registry.register(INIT_FORWARD_BATCH, after_init_forward_batch, hook_type.AFTER)
-    registry.register(FORWARD, after_forward, hook_type.AFTER)
+    registry.register(FORWARD, bind(rt, after_forward), hook_type.AFTER)

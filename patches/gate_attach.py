@@ -18,6 +18,7 @@ import logging
 import torch
 
 from sglang_evict.config import EvictConfig
+from sglang_evict.patches.runtime import bind
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,6 @@ class GateAttachment:
                 else kv_store.store_kv_scores_reference
             )
         return self._store_fn
-
-
-_attachment: GateAttachment | None = None
-
-
-def attachment() -> GateAttachment | None:
-    return _attachment
 
 
 # ------------------------------------------------------------------ attaching to the model
@@ -141,12 +135,11 @@ def _make_hooks(state: GateAttachment, layer_id: int):
     return pre_hook, post_hook
 
 
-def after_load_model(result, runner, *args, **kwargs):
-    global _attachment
-    config = EvictConfig.from_env()
+def after_load_model(rt, result, runner, *args, **kwargs):
+    config = rt.config
     if config.gates is None or runner.is_draft_worker:
         return result
-    from sglang_evict.gate_files import load_gates_for_model
+    from sglang_evict.gates.files import load_gates_for_model
 
     hf_config = runner.model_config.hf_config
     layers = decoder_layers(runner.model)
@@ -157,7 +150,7 @@ def after_load_model(result, runner, *args, **kwargs):
         pre_hook, post_hook = _make_hooks(state, layer_id)
         attn.register_forward_pre_hook(pre_hook, with_kwargs=True)
         attn.register_forward_hook(post_hook, with_kwargs=True)
-    _attachment = state
+    rt.gates = state
     logger.info(
         "sglang-evict: retention gates %s attached to %d layers of %s (variant %s%s)",
         config.gates, len(layers), type(runner.model).__name__, gates.config.variant,
@@ -166,9 +159,9 @@ def after_load_model(result, runner, *args, **kwargs):
     return result
 
 
-def register(registry, hook_type) -> None:
+def register(registry, hook_type, rt) -> None:
     """Registered only with gates configured, so vanilla serving keeps SGLang's hot paths
     unwrapped."""
-    if not EvictConfig.from_env().active:
+    if not rt.config.active:
         return
-    registry.register(LOAD_MODEL, after_load_model, hook_type.AFTER)
+    registry.register(LOAD_MODEL, bind(rt, after_load_model), hook_type.AFTER)

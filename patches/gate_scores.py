@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 
 from sglang_evict.cache.score_store import ScoreStore, bytes_per_slot
-from sglang_evict.config import EvictConfig
-from sglang_evict.patches.gate_attach import GateAttachError, attachment
+from sglang_evict.patches.gate_attach import GateAttachError
+from sglang_evict.patches.runtime import bind
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ CELL_SIZE = (
 STORE_KV = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._store_kv_layer"
 
 
-def around_cell_size(original, configurator, kvc, num_layers, *args, **kwargs):
+def around_cell_size(rt, original, configurator, kvc, num_layers, *args, **kwargs):
     cell = original(configurator, kvc, num_layers, *args, **kwargs)
-    config = EvictConfig.from_env()
+    config = rt.config
     if not config.active:
         return cell
     from sglang.srt.runtime_context import get_parallel
@@ -42,8 +42,8 @@ def around_cell_size(original, configurator, kvc, num_layers, *args, **kwargs):
     return cell + bytes_per_slot(num_layers, heads)
 
 
-def after_alloc_memory_pool(result, runner, *args, **kwargs):
-    state = attachment()
+def after_alloc_memory_pool(rt, result, runner, *args, **kwargs):
+    state = rt.gates
     if state is None or runner.is_draft_worker or state.config.evicting:
         # With eviction, log beta lives in the head-slots (head_cache.py), not a score store.
         return result
@@ -72,8 +72,8 @@ def after_alloc_memory_pool(result, runner, *args, **kwargs):
     return result
 
 
-def around_store_kv_layer(original, pool, layer_idx, loc, cache_k, cache_v, *args, **kwargs):
-    state = attachment()
+def around_store_kv_layer(rt, original, pool, layer_idx, loc, cache_k, cache_v, *args, **kwargs):
+    state = rt.gates
     store = getattr(pool, "_sglang_evict_scores", None)
     layer_id = layer_idx + pool.start_layer
     if (
@@ -103,11 +103,10 @@ def around_store_kv_layer(original, pool, layer_idx, loc, cache_k, cache_v, *arg
     return None
 
 
-def register(registry, hook_type) -> None:
-    config = EvictConfig.from_env()
-    if not config.active:
+def register(registry, hook_type, rt) -> None:
+    if not rt.config.active:
         return
-    registry.register(CELL_SIZE, around_cell_size, hook_type.AROUND)
-    registry.register(ALLOC_POOL, after_alloc_memory_pool, hook_type.AFTER)
-    if not config.evicting:
-        registry.register(STORE_KV, around_store_kv_layer, hook_type.AROUND)
+    registry.register(CELL_SIZE, bind(rt, around_cell_size), hook_type.AROUND)
+    registry.register(ALLOC_POOL, bind(rt, after_alloc_memory_pool), hook_type.AFTER)
+    if not rt.config.evicting:
+        registry.register(STORE_KV, bind(rt, around_store_kv_layer), hook_type.AROUND)

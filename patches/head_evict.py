@@ -10,7 +10,7 @@ tests/unit/test_upstream_guards.py); this one registers them, only with `--evict
     evict_radix      the radix tree's checkpoints: cached prefixes shared with their head-slots
     evict_requests   per-request policy overrides (custom_params), refused when malformed
     evict_backend    the `sglang_evict` attention backend
-    evict_state      what they share in one process
+(what they share in one process: runtime.Runtime, created by the plugin)
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from sglang_evict.patches import (
     evict_requests,
     evict_step,
 )
-from sglang_evict.patches.evict_state import config
 
 HOOKS = (evict_refusals, evict_pool, evict_admission, evict_step, evict_requests, evict_radix)
 
 
-def register(registry, hook_type) -> None:
-    evict_backend.register_backend()
-    if not config().evicting:
+def register(registry, hook_type, rt) -> None:
+    evict_backend.register_backend(rt)
+    if not rt.config.evicting:
         return
     for module in HOOKS:
-        module.register(registry, hook_type)
+        module.register(registry, hook_type, rt)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from sglang_evict.cache.score_store import ScoreStore
-from sglang_evict.config import EvictConfig
 from sglang_evict.patches import evict_step
-from sglang_evict.patches.gate_attach import attachment
+from sglang_evict.patches.runtime import bind
 
 RELEASE_KV = "sglang.srt.mem_cache.common.release_kv_cache"
 STREAMER_CLASS = "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class"
@@ -24,10 +23,10 @@ UPDATE_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_req
 META_KEY = "sglang_evict"
 MAX_PENDING_STATS = 4096
 
-# Per-request statistics waiting for the request's response (rid -> meta_info entry). Entries
-# are popped when the response is streamed; a request that finishes without a response
-# (aborted) would leave one behind, so only the newest MAX_PENDING_STATS are kept.
-_finished_stats: dict[str, dict] = {}
+# Per-request statistics wait for the request's response in the runtime's `finished_stats`
+# (rid -> meta_info entry), popped when the response is streamed; a request that finishes
+# without a response (aborted) would leave one behind, so only the newest MAX_PENDING_STATS
+# are kept.
 
 
 def request_stats(store: ScoreStore, slots: torch.Tensor) -> dict:
@@ -42,16 +41,16 @@ def request_stats(store: ScoreStore, slots: torch.Tensor) -> dict:
     }
 
 
-def before_release_kv_cache(req, tree_cache, *args, **kwargs):
+def before_release_kv_cache(rt, req, tree_cache, *args, **kwargs):
     row = req.kv.req_pool_idx
     if row is None:
         return None
     # Always hand the row's eviction statistics over: the row may be reused next step.
-    evict_stats = evict_step.release_stats(req, row)
+    evict_stats = evict_step.release_stats(rt, req, row)
     if not req.finished():
         return None
     entry = dict(evict_stats or {})
-    state = attachment()
+    state = rt.gates
     if state is not None and state.store is not None:
         # The last sampled token has no KV yet; committed KV is what the score store covers.
         n = req.kv.kv_committed_len
@@ -59,16 +58,18 @@ def before_release_kv_cache(req, tree_cache, *args, **kwargs):
         entry.update(request_stats(state.store, slots))
     if not entry:
         return None
-    _finished_stats[req.rid] = entry
-    while len(_finished_stats) > MAX_PENDING_STATS:
-        _finished_stats.pop(next(iter(_finished_stats)))
+    pending = rt.finished_stats
+    pending[req.rid] = entry
+    while len(pending) > MAX_PENDING_STATS:
+        pending.popitem(last=False)
     return None
 
 
-def around_output_streamer_class(original, scheduler, *args, **kwargs):
+def around_output_streamer_class(rt, original, scheduler, *args, **kwargs):
     base = original(scheduler, *args, **kwargs)
-    if not EvictConfig.from_env().active:
+    if not rt.config.active:
         return base
+    pending = rt.finished_stats
 
     class EvictOutputStreamer(base):
         has_additional_customized_info = True
@@ -76,7 +77,7 @@ def around_output_streamer_class(original, scheduler, *args, **kwargs):
         def build_additional_customized_info(self, reqs):
             values = super().build_additional_customized_info(reqs)
             values[META_KEY] = [
-                [_finished_stats.pop(r.rid)] if r.rid in _finished_stats else [] for r in reqs
+                [pending.pop(r.rid)] if r.rid in pending else [] for r in reqs
             ]
             return values
 
@@ -99,9 +100,9 @@ def around_update_request_meta_info(original, manager, meta_info, state, customi
     return result
 
 
-def register(registry, hook_type) -> None:
-    if not EvictConfig.from_env().active:
+def register(registry, hook_type, rt) -> None:
+    if not rt.config.active:
         return
-    registry.register(RELEASE_KV, before_release_kv_cache, hook_type.BEFORE)
-    registry.register(STREAMER_CLASS, around_output_streamer_class, hook_type.AROUND)
+    registry.register(RELEASE_KV, bind(rt, before_release_kv_cache), hook_type.BEFORE)
+    registry.register(STREAMER_CLASS, bind(rt, around_output_streamer_class), hook_type.AROUND)
     registry.register(UPDATE_META, around_update_request_meta_info, hook_type.AROUND)

@@ -2,7 +2,8 @@
 
 `load_plugins()` calls `register()` in every SGLang process (server main, scheduler,
 detokenizer); hooks registered here are applied by SGLang right after, before any model is
-built. Keep this import-light: it runs in every process.
+built. Each process gets one `Runtime` that all its hooks share. Keep this import-light: it runs
+in every process.
 
 On another SGLang version than the pinned one nothing is patched: a server configured for
 sglang-evict gets only `hook_check`, which refuses with one line at start-up; plain SGLang
@@ -36,7 +37,9 @@ def register() -> None:
     if why is not None:
         return
     from sglang_evict.patches import cpu_rotary, gate_attach, gate_scores, head_evict, request_meta
+    from sglang_evict.patches.runtime import Runtime
 
+    runtime = Runtime()  # the one state of this process's hooks
     for hooks in (cpu_rotary, gate_attach, gate_scores, request_meta, head_evict):
-        hooks.register(HookRegistry, HookType)
+        hooks.register(HookRegistry, HookType, runtime)
     logger.info("sglang-evict plugin registered")

@@ -135,8 +135,8 @@ def check_port(host: str, port: int) -> None:
 def check_gates(config: EvictConfig, model_path: str) -> None:
     """Load the gate checkpoint against the model's config.json now, so a checkpoint for
     another model (layer count, KV heads, hidden size) is refused before SGLang starts."""
-    from sglang_evict.gate_checkpoint import GateCheckpointError
-    from sglang_evict.gate_files import load_gates_for_model
+    from sglang_evict.gates.checkpoint import GateCheckpointError
+    from sglang_evict.gates.files import load_gates_for_model
 
     config_json = Path(model_path).expanduser() / "config.json"
     if not config_json.is_file():
@@ -330,7 +330,7 @@ def run_sglang(config: EvictConfig, argv: list[str]) -> None:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
-    from sglang_evict.patches.evict_state import HeadEvictError
+    from sglang_evict.errors import HeadEvictError
     from sglang_evict.patches.hook_check import PluginCheckError
 
     load_plugins()

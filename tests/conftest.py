@@ -42,7 +42,7 @@ def trained_test_gates(default_model_path, tmp_path_factory):
     from gate_fixtures import write_test_gates
 
     from sglang_evict import training as tr
-    from sglang_evict.gate_checkpoint import read_gate_header
+    from sglang_evict.gates.checkpoint import read_gate_header
 
     root = tmp_path_factory.mktemp("gates")
     init = write_test_gates(default_model_path, root / "init.safetensors")

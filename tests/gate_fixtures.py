@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def write_test_gates(model_path: Path, out: Path, **overrides) -> Path:
-    from sglang_evict.gate_checkpoint import save_gates
-    from sglang_evict.gates import GateConfig, RetentionGates
+    from sglang_evict.gates.checkpoint import save_gates
+    from sglang_evict.gates.modules import GateConfig, RetentionGates
 
     hf_config = json.loads((Path(model_path) / "config.json").read_text())
     config = GateConfig.from_hf_config(hf_config, **{"bias_init": 2.0, **overrides})

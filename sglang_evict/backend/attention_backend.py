@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from sglang_evict.kernels import head_store, ragged_attention
+from sglang_evict.kernels import head_store, ragged_attention, ragged_attention_torch
 from sglang_evict.errors import HeadEvictError
 
 
@@ -45,8 +45,8 @@ class HeadSlotAttnBackend(AttentionBackend):
             self._extend = ragged_attention.ragged_extend_attention
         else:
             self._store = head_store.store_head_slots_torch
-            self._decode = ragged_attention.ragged_decode_attention_torch
-            self._extend = ragged_attention.ragged_extend_attention_torch
+            self._decode = ragged_attention_torch.ragged_decode_attention_torch
+            self._extend = ragged_attention_torch.ragged_extend_attention_torch
 
     def init_forward_metadata(self, forward_batch):
         if forward_batch.forward_mode.is_idle():

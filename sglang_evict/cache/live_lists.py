@@ -268,34 +268,10 @@ class LiveLists:
         tree holds has no owner and is listed only in shared parts (by any number of holders);
         lists run in increasing position (slot_pos [capacity]); the mirrors and the page
         bookkeeping are exact."""
-        LH, P = self.heads_per_token, self.page_size
+        self._check_pages()
+        lens = self._check_mirrors()
+        LH = self.heads_per_token
         rows = torch.arange(self.num_rows)
-        # pages: each either free or owned by one holder, within its page count
-        n = self.arena.shape[0]
-        used = self.row_pages_host[self.row_pages_host >= 0]
-        count = torch.bincount(used, minlength=n) + torch.bincount(
-            self.free_pages[: self.num_free_pages], minlength=n
-        )
-        if bool((count != 1).any()):
-            p = int((count != 1).nonzero()[0, 0])
-            raise LiveListIntegrityError(f"arena page {p} is used/free {int(count[p])} times")
-        col = torch.arange(self.pages_per_row)
-        inside = col[None, :] < self.num_row_pages[:, None]
-        if not torch.equal(self.row_pages_host >= 0, inside):
-            raise LiveListIntegrityError("page table entries disagree with page counts")
-        if not torch.equal(self.row_pages.cpu().long(), self.row_pages_host):
-            raise LiveListIntegrityError("device page table differs from its host mirror")
-        lens = self.lens.cpu().long()
-        if not torch.equal(lens, self.lens_host):
-            r = int((lens != self.lens_host).any(1).nonzero()[0, 0])
-            raise LiveListIntegrityError(f"row {r}: host list lengths differ from the device's")
-        if not torch.equal(lens.max(dim=1).values, self.span):
-            r = int((lens.max(dim=1).values != self.span).nonzero()[0, 0])
-            raise LiveListIntegrityError(
-                f"row {r}: span {int(self.span[r])} != longest list {int(lens[r].max())}"
-            )
-        if bool((self.span > self.num_row_pages * P).any()):
-            raise LiveListIntegrityError("a holder's span exceeds its pages")
         entries, valid = self.gather(rows)
         entries, valid = entries.cpu(), valid.cpu()
         W = entries.shape[2]
@@ -344,3 +320,38 @@ class LiveLists:
         later = valid[:, :, 1:]
         if bool((later & (pos[:, :, 1:] <= pos[:, :, :-1])).any()):
             raise LiveListIntegrityError("a list is not in increasing position order")
+
+    def _check_pages(self) -> None:
+        """Each arena page is free or owned by one holder, within its page count; the device
+        page table equals its host mirror."""
+        # pages: each either free or owned by one holder, within its page count
+        n = self.arena.shape[0]
+        used = self.row_pages_host[self.row_pages_host >= 0]
+        count = torch.bincount(used, minlength=n) + torch.bincount(
+            self.free_pages[: self.num_free_pages], minlength=n
+        )
+        if bool((count != 1).any()):
+            p = int((count != 1).nonzero()[0, 0])
+            raise LiveListIntegrityError(f"arena page {p} is used/free {int(count[p])} times")
+        col = torch.arange(self.pages_per_row)
+        inside = col[None, :] < self.num_row_pages[:, None]
+        if not torch.equal(self.row_pages_host >= 0, inside):
+            raise LiveListIntegrityError("page table entries disagree with page counts")
+        if not torch.equal(self.row_pages.cpu().long(), self.row_pages_host):
+            raise LiveListIntegrityError("device page table differs from its host mirror")
+
+    def _check_mirrors(self) -> torch.Tensor:
+        """The host mirrors of the lengths and spans against the device; returns the lengths."""
+        P = self.page_size
+        lens = self.lens.cpu().long()
+        if not torch.equal(lens, self.lens_host):
+            r = int((lens != self.lens_host).any(1).nonzero()[0, 0])
+            raise LiveListIntegrityError(f"row {r}: host list lengths differ from the device's")
+        if not torch.equal(lens.max(dim=1).values, self.span):
+            r = int((lens.max(dim=1).values != self.span).nonzero()[0, 0])
+            raise LiveListIntegrityError(
+                f"row {r}: span {int(self.span[r])} != longest list {int(lens[r].max())}"
+            )
+        if bool((self.span > self.num_row_pages * P).any()):
+            raise LiveListIntegrityError("a holder's span exceeds its pages")
+        return lens

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from sglang_evict.gates import retention_log_alpha, retention_log_alpha_lookahead
+from sglang_evict.gates.retention import retention_log_alpha, retention_log_alpha_lookahead
 
 
 class ScoreInputs(NamedTuple):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sglang_evict.gates import VARIANTS
+from sglang_evict.gates.modules import VARIANTS
 
 class TrainConfigError(ValueError):
     """A training config value (or the model folder it names) is unusable."""

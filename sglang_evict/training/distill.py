@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sglang_evict.gates import RetentionGates
+from sglang_evict.gates.modules import RetentionGates
 from sglang_evict.training.student import decoder_layers
 
 

@@ -119,27 +119,11 @@ def forward_backward(
     None: from config.dtype)."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, T] with T >= 2, got {tuple(input_ids.shape)}")
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    evicted_at = None
     if precision is None:
         precision = resolve_precision(config.dtype, input_ids.device)
-    precision = frozen_precision(precision, input_ids.device)
-    with torch.no_grad(), precision:
-        if config.hard_eviction:
-            with attachment.capture() as teacher_log_betas:
-                teacher_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-            evicted_at = hard_eviction_times(teacher_log_betas, config, answer_start)
-        else:
-            teacher_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-    with attachment.student(evicted_at), precision:
-        student_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-    teacher_h, student_h = teacher_h.float(), student_h.float()
+    teacher_h, student_h = _forwards(model.get_decoder(), attachment, input_ids, config,
+                                     answer_start, frozen_precision(precision, input_ids.device))
     cap, last_live = capacity_term(attachment.log_betas, config)
-
-    # KL + CE, chunk by chunk over the positions that carry a loss, each chunk's backward
-    # stopping at a detached copy of the student's hidden state; the summed gradient then goes
-    # through the model once.
     labels = input_ids[:, 1:]
     weights = loss_weights(input_ids.shape[1], answer_start, config, labels.device)
     carried = torch.nonzero(weights).flatten()
@@ -150,27 +134,8 @@ def forward_backward(
         first = answer_start - 1
     w_total = float(weights.sum()) * labels.shape[0]
     h = student_h[:, lo:hi].detach().requires_grad_(True)
-    kl_sum = ce_sum = ce_t_sum = kl_w_sum = ce_w_sum = kl_ans_sum = 0.0
-    for a in range(lo, hi, config.loss_chunk):
-        b = min(a + config.loss_chunk, hi)
-        logp_s = F.log_softmax(head(h[:, a - lo:b - lo]).float(), dim=-1)
-        with torch.no_grad():
-            logp_t = F.log_softmax(head(teacher_h[:, a:b]).float(), dim=-1)
-        target = labels[:, a:b]
-        w = weights[a:b]
-        kl_tok = (logp_t.exp() * (logp_t - logp_s)).sum(dim=-1)  # [B, b - a]
-        ce_tok = F.nll_loss(logp_s.transpose(1, 2), target, reduction="none")
-        kl_w, ce_w = (kl_tok * w).sum(), (ce_tok * w).sum()
-        part = (config.kl_weight * kl_w + config.ce_weight * ce_w) * (scale / w_total)
-        if part.requires_grad:
-            part.backward()
-        kl_sum += float(kl_tok.detach().sum())
-        ce_sum += float(ce_tok.detach().sum())
-        kl_w_sum += float(kl_w.detach())
-        ce_w_sum += float(ce_w.detach())
-        if first is not None and b > first:
-            kl_ans_sum += float(kl_tok.detach()[:, max(first - a, 0):].sum())
-        ce_t_sum += float(F.nll_loss(logp_t.transpose(1, 2), target, reduction="sum"))
+    sums = _chunked_loss(model.get_output_embeddings(), h, teacher_h, labels, weights, lo, first,
+                         scale / w_total, config)
     roots, grads = [], []
     if h.grad is not None:
         roots.append(student_h[:, lo:hi])
@@ -184,13 +149,61 @@ def forward_backward(
     cap_v = float(cap.detach())
     n_answer = 0 if first is None else (labels.shape[1] - first) * labels.shape[0]
     return StepLosses(
-        total=(config.kl_weight * kl_w_sum + config.ce_weight * ce_w_sum) / w_total
+        total=(config.kl_weight * sums["kl_w"] + config.ce_weight * sums["ce_w"]) / w_total
         + config.capacity_weight * cap_v,
-        kl=kl_sum / n,
-        ce=ce_sum / n,
-        ce_teacher=ce_t_sum / n,
+        kl=sums["kl"] / n,
+        ce=sums["ce"] / n,
+        ce_teacher=sums["ce_t"] / n,
         cap=cap_v,
         live=last_live,
         tokens=int(input_ids.numel()),
-        kl_answer=kl_ans_sum / n_answer if n_answer else None,
+        kl_answer=sums["kl_ans"] / n_answer if n_answer else None,
     )
+
+
+def _forwards(decoder, attachment: GateAttachment, input_ids: torch.Tensor, config: TrainConfig,
+              answer_start: int | None, precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's last hidden state (no gates), then the student's (gates on; with
+    hard eviction, evicting where the teacher's pass of the gates says the server would)."""
+    evicted_at = None
+    with torch.no_grad(), precision:
+        if config.hard_eviction:
+            with attachment.capture() as teacher_log_betas:
+                teacher_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            evicted_at = hard_eviction_times(teacher_log_betas, config, answer_start)
+        else:
+            teacher_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    with attachment.student(evicted_at), precision:
+        student_h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    return teacher_h.float(), student_h.float()
+
+
+def _chunked_loss(head, h: torch.Tensor, teacher_h: torch.Tensor, labels: torch.Tensor,
+                  weights: torch.Tensor, lo: int, first: int | None, grad_scale: float,
+                  config: TrainConfig) -> dict[str, float]:
+    """KL + CE over the loss positions [lo, lo + h's length), chunk by chunk, each chunk's
+    backward stopping at `h` (a detached copy of the student's hidden state, whose .grad
+    collects the sum, so the model is traversed once). Returns the host sums of each term."""
+    sums = dict(kl=0.0, ce=0.0, ce_t=0.0, kl_w=0.0, ce_w=0.0, kl_ans=0.0)
+    hi = lo + h.shape[1]
+    for a in range(lo, hi, config.loss_chunk):
+        b = min(a + config.loss_chunk, hi)
+        logp_s = F.log_softmax(head(h[:, a - lo:b - lo]).float(), dim=-1)
+        with torch.no_grad():
+            logp_t = F.log_softmax(head(teacher_h[:, a:b]).float(), dim=-1)
+        target = labels[:, a:b]
+        w = weights[a:b]
+        kl_tok = (logp_t.exp() * (logp_t - logp_s)).sum(dim=-1)  # [B, b - a]
+        ce_tok = F.nll_loss(logp_s.transpose(1, 2), target, reduction="none")
+        kl_w, ce_w = (kl_tok * w).sum(), (ce_tok * w).sum()
+        part = (config.kl_weight * kl_w + config.ce_weight * ce_w) * grad_scale
+        if part.requires_grad:
+            part.backward()
+        sums["kl"] += float(kl_tok.detach().sum())
+        sums["ce"] += float(ce_tok.detach().sum())
+        sums["kl_w"] += float(kl_w.detach())
+        sums["ce_w"] += float(ce_w.detach())
+        if first is not None and b > first:
+            sums["kl_ans"] += float(kl_tok.detach()[:, max(first - a, 0):].sum())
+        sums["ce_t"] += float(F.nll_loss(logp_t.transpose(1, 2), target, reduction="sum"))
+    return sums

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sglang_evict.training.gated_attention import gated_attention
-from sglang_evict.gates import GateConfig, RetentionGates
+from sglang_evict.gates.modules import GateConfig, RetentionGates
 from sglang_evict.training.config import TrainConfigError
 
 GATED_ATTENTION = "sglang_evict_gated"

@@ -9,7 +9,6 @@ loss an uninterrupted run would have had: the data stream is a pure function of 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -22,8 +21,8 @@ from typing import Any
 
 import torch
 
-from sglang_evict.gate_checkpoint import save_gates
-from sglang_evict.gates import GateConfig, RetentionGates
+from sglang_evict.gates.checkpoint import save_gates
+from sglang_evict.gates.modules import GateConfig, RetentionGates
 from sglang_evict.training.checkpoints import (
     CHECKPOINT_FILE,
     CHECKPOINT_VERSION,
@@ -32,9 +31,15 @@ from sglang_evict.training.checkpoints import (
     _rng_states,
     _set_rng_states,
 )
-from sglang_evict.training.config import RESUMABLE_CHANGES, TrainConfig, TrainConfigError
+from sglang_evict.training.config import TrainConfig, TrainConfigError
 from sglang_evict.training.loss import StepLosses, forward_backward, resolve_precision
-from sglang_evict.training.plots import plot_history
+from sglang_evict.training.provenance import (
+    _finite,
+    _mean_present,
+    check_resume,
+    training_info,
+    write_run_logs,
+)
 from sglang_evict.training.student import GateAttachment, load_base_model
 
 
@@ -46,13 +51,6 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _machine(device: torch.device) -> str:
-    """Where a run trained, for the gates' provenance."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()} CPU cores ({torch.backends.cpu.get_cpu_capability()})"
-
-
 def _lr_factor(step: int, config: TrainConfig) -> float:
     """Linear warm-up over warmup_steps, then cosine decay to min_lr_ratio at `steps`."""
     if config.warmup_steps and step < config.warmup_steps:
@@ -60,15 +58,6 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     span = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _mean_present(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def _finite(x: Any) -> Any:
-    return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
 # Distillation reads training samples from here on; a run draws from 0 up (one per sequence).
@@ -154,8 +143,8 @@ class Trainer:
         self._stop_signal = False
 
     def _load_init_gates(self, path: str) -> None:
-        from sglang_evict.gate_checkpoint import GateCheckpointError
-        from sglang_evict.gate_files import load_gates_for_model
+        from sglang_evict.gates.checkpoint import GateCheckpointError
+        from sglang_evict.gates.files import load_gates_for_model
 
         try:
             start = load_gates_for_model(path, self.model.config, device=self.device)
@@ -174,8 +163,8 @@ class Trainer:
     def _distill(self, path: str) -> None:
         """Fit the fresh gates to the scores of the gates in `path` (distill.py) on training
         sequences that the run itself never draws (indices from DISTILL_INDEX on)."""
-        from sglang_evict.gate_checkpoint import GateCheckpointError
-        from sglang_evict.gate_files import load_gates_for_model
+        from sglang_evict.gates.checkpoint import GateCheckpointError
+        from sglang_evict.gates.files import load_gates_for_model
         from sglang_evict.training.distill import attention_inputs, distill_error, distill_gates
 
         try:
@@ -200,28 +189,7 @@ class Trainer:
               "steps)", flush=True)
 
     def _check_resume(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise TrainConfigError(
-                f"{self.checkpoint_path}: checkpoint version {state.get('version')!r}, "
-                f"expected {CHECKPOINT_VERSION}"
-            )
-        saved, now = state["config"], self.config.to_dict()
-        # A field newer than the checkpoint had its default value in that run.
-        defaults = TrainConfig().to_dict()
-        changed = [
-            f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}"
-            for k in now
-            if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]
-        ]
-        if changed:
-            raise TrainConfigError(
-                f"--resume with a config that changes what training computes ({'; '.join(changed)}); "
-                f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
-            )
-        if int(state["step"]) > self.config.steps:
-            raise TrainConfigError(
-                f"the checkpoint is at step {state['step']}, beyond steps={self.config.steps}"
-            )
+        check_resume(state, self.config, self.checkpoint_path)
 
     # -- persistence
 
@@ -245,63 +213,10 @@ class Trainer:
         return self.checkpoint_path
 
     def write_logs(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "log.jsonl", "w") as f:
-            for row in self.history:
-                f.write(json.dumps(row) + "\n")
-        if self.history:
-            with open(self.out_dir / "log.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
-                writer.writeheader()
-                writer.writerows(self.history)
-            plot_history(self.history, self.out_dir / "loss_curve.png", self.config.budget)
+        write_run_logs(self.out_dir, self.history, self.config.budget)
 
     def training_info(self, stopped: str) -> dict[str, Any]:
-        recent = self.history[-10:]
-
-        def mean(key: str) -> float | None:
-            return _finite(_mean_present([r.get(key) for r in recent]))
-
-        c = self.config
-        return {
-            "method": "TrimKV" if not c.shared_projection else "DBTrimKV (shared projection)",
-            "base_model": str(self.model_path),
-            "base_model_name": Path(self.model_path).name,
-            "budget": c.budget,
-            "steps": self.step,
-            "target_steps": c.steps,
-            "stopped": stopped,
-            "init_gates": c.init_gates,
-            "distilled": self.distilled,
-            "sequences": self.cursor,
-            "tokens": int(sum(r["tokens"] for r in self.history)),
-            "tasks": list(c.tasks),
-            "lengths": list(c.lengths),
-            "chat": c.chat,
-            "data": "RULER generators from nvidia-long-context-eval 26.3 + multi-turn recall, "
-            "train split (sglang_evict.training.data)",
-            "seed": c.seed,
-            "lr": c.lr,
-            "grad_accum": c.grad_accum,
-            "loss": f"{c.kl_weight}*KL(teacher||student) + {c.ce_weight}*CE ("
-            + ("answer tokens only" if c.answer_only else f"answer tokens x{c.answer_weight}")
-            + f") + {c.capacity_weight}*mean_positive max(0, (S_t - M)/(t - M)) over "
-            + ("each layer and head" if c.capacity_scope == "head"
-               else "the mean over layers and heads")
-            + "; decay added to the logit"
-            + (f"; hard eviction ({c.eviction_policy}, M={c.budget}, B={c.eviction_buffer}, "
-               f"sinks={c.eviction_sinks}, window={c.eviction_window}, "
-               f"lookahead={c.eviction_lookahead}, prefill chunks of "
-               f"{c.eviction_chunk}), straight-through" if c.hard_eviction else ""),
-            "dtype": self.dtype,
-            "device": self.device.type,
-            "machine": _machine(self.device),
-            "wall_minutes": round(self.elapsed() / 60, 2),
-            "answer_weight": c.answer_weight,
-            "final_last10": {
-                k: mean(k) for k in ("loss", "kl", "kl_answer", "ce", "ce_teacher", "cap", "live")
-            },
-        }
+        return training_info(self, stopped)
 
     def export(self, stopped: str = "completed", paths: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
         info = self.training_info(stopped)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sglang_evict.kernels.flashinfer_lists import FlashInferLists, layer_plan, query_order
-from sglang_evict.kernels.ragged_attention import ragged_extend_attention_torch
+from sglang_evict.kernels.ragged_attention_torch import ragged_extend_attention_torch
 
 from backend_sim import Requests, forward, make_backend
 from flashinfer_contract import PagedPrefillTorch

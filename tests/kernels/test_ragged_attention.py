@@ -15,10 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sglang_evict.cache.head_slots import HeadSlotPool
-from sglang_evict.kernels.ragged_attention import (
-    ragged_decode_attention,
+from sglang_evict.kernels.ragged_attention import ragged_decode_attention, ragged_extend_attention
+from sglang_evict.kernels.ragged_attention_torch import (
     ragged_decode_attention_reference,
-    ragged_extend_attention,
     ragged_extend_attention_reference,
     ragged_extend_attention_torch,
 )
@@ -426,7 +425,7 @@ def test_absolute_offsets_into_a_larger_buffer(seed):
     buffer runs on beyond indptr[-1] (-1 there, and garbage before indptr[0]). Every
     implementation reads only indices[indptr[0]:indptr[-1]] and gives the plain layout's
     result."""
-    from sglang_evict.kernels.ragged_attention import ragged_decode_attention_torch
+    from sglang_evict.kernels.ragged_attention_torch import ragged_decode_attention_torch
 
     p = build_problem([9, 0, 25], 2, 3, 48, torch.float32, 200, 0.7, seed=seed, q_per_req=3)
     before, after = 11, 17

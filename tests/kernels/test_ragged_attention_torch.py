@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import sglang_evict.kernels.ragged_attention as ra
-from sglang_evict.kernels.ragged_attention import (
+import sglang_evict.kernels.ragged_attention_torch as ra
+from sglang_evict.kernels.ragged_attention_torch import (
     ragged_decode_attention_reference,
     ragged_decode_attention_torch,
     ragged_extend_attention_reference,

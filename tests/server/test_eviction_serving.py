@@ -242,6 +242,32 @@ def test_per_request_policy_override_and_bad_overrides(evict_server, hf_model):
     assert len(ok["output_ids"]) == 4
 
 
+def test_a_prompt_longer_than_the_physical_pool(evict_server, hf_model):
+    """With eviction, a prompt of twice the pool is prefilled chunk by chunk and answered; the
+    same prompt asking for no eviction can never fit: HTTP 400 naming the limit at once, and
+    the server keeps serving."""
+    _, tokenizer = hf_model
+    ids = tokenizer("The lighthouse keeper counted the waves. " * 40)["input_ids"][: 2 * POOL]
+    assert len(ids) == 2 * POOL
+
+    def run(override):
+        params = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
+        if override is not None:
+            params["custom_params"] = {"sglang_evict": override}
+        return requests.post(evict_server.url + "/generate",
+                             json={"input_ids": ids, "sampling_params": params}, timeout=600)
+
+    served = run(None)
+    served.raise_for_status()
+    assert served.json()["meta_info"]["completion_tokens"] == 4
+    assert _evict_meta(served.json())["evicted_head_slots"] > 0
+    refused = run({"policy": "none"})
+    assert refused.status_code == 400
+    assert f"more than the physical pool holds ({POOL} tokens at full size)" in refused.text
+    ok = generate(evict_server, ids[:16], 4)
+    assert len(ok["output_ids"]) == 4
+
+
 def test_demo_eviction_section_reports_what_the_request_held(evict_server):
     """`sglang-evict demo`'s eviction section, against a server with a pool of POOL tokens: a
     generation of twice the pool completes and its statistics are consistent."""

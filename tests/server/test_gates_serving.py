@@ -32,7 +32,7 @@ def evict_stats(response) -> dict:
 @pytest.fixture(scope="module")
 def gates(trained_test_gates):
     """The training run's own gates module; the servers load the file it exported."""
-    from sglang_evict.gate_checkpoint import read_gate_header
+    from sglang_evict.gates.checkpoint import read_gate_header
 
     module, path = trained_test_gates
     assert read_gate_header(path).training["steps"] == 1

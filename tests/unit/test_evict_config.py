@@ -105,16 +105,16 @@ def test_bad_eviction_flags(argv, message):
 
 
 def test_per_request_override_merges_over_the_server_settings(monkeypatch):
-    from sglang_evict.patches import evict_requests, evict_state
+    from sglang_evict.patches import evict_requests
 
     server, _ = split_argv(["--evict-policy", "streaming", "--evict-budget", "64",
                             "--evict-sinks", "2", "--evict-overrides", "any"])
-    monkeypatch.setattr(evict_state._state, "config", server)
-    assert evict_requests.request_config(None) is None
-    assert evict_requests.request_config({"other": 1}) is None
-    cfg = evict_requests.request_config({"sglang_evict": {"budget": 8, "window": 4}})
+    srv = server
+    assert evict_requests.request_config(None, srv) is None
+    assert evict_requests.request_config({"other": 1}, srv) is None
+    cfg = evict_requests.request_config({"sglang_evict": {"budget": 8, "window": 4}}, srv)
     assert (cfg.policy, cfg.budget, cfg.window, cfg.sinks) == ("streaming", 8, 4, 2)
-    full = evict_requests.request_config({"sglang_evict": {"policy": "none"}})
+    full = evict_requests.request_config({"sglang_evict": {"policy": "none"}}, srv)
     assert evictor_config(full) is None
     for bad, message in [
         ({"sglang_evict": {"budget": 0}}, r"sglang_evict\.budget must be an integer in \[1, "),
@@ -124,10 +124,10 @@ def test_per_request_override_merges_over_the_server_settings(monkeypatch):
         ({"sglang_evict": 3}, "must be an object"),
     ]:
         with pytest.raises(ValueError, match=message):
-            evict_requests.request_config(bad)
-    monkeypatch.setattr(evict_state._state, "config", EvictConfig())
+            evict_requests.request_config(bad, srv)
+    srv = EvictConfig()
     with pytest.raises(ValueError, match="started without --evict-policy"):
-        evict_requests.request_config({"sglang_evict": {"budget": 8}})
+        evict_requests.request_config({"sglang_evict": {"budget": 8}}, srv)
 
 
 def test_lookahead_flag_and_override_set_the_served_score(tmp_path, monkeypatch):
@@ -136,7 +136,7 @@ def test_lookahead_flag_and_override_set_the_served_score(tmp_path, monkeypatch)
     import torch
 
     from sglang_evict.eviction.policies import ScoreInputs
-    from sglang_evict.patches import evict_requests, evict_state
+    from sglang_evict.patches import evict_requests
 
     gates = tmp_path / "g.safetensors"
     gates.write_bytes(b"x")
@@ -160,17 +160,17 @@ def test_lookahead_flag_and_override_set_the_served_score(tmp_path, monkeypatch)
     # now: -1.0 vs -0.7 (the old entry goes first); one step on: -1.1 vs -1.4 (the recent one)
     assert plain_order == [0, 1] and ahead_order == [1, 0]
 
-    monkeypatch.setattr(evict_state._state, "config", plain)  # --evict-overrides clamp
-    cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}})
+    srv = plain  # --evict-overrides clamp
+    cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}}, srv)
     assert evictor_config(cfg).policy.lookahead == 0  # at most the server's
     open_server, _ = split_argv(flags + ["--evict-overrides", "any"])
-    monkeypatch.setattr(evict_state._state, "config", open_server)
-    cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}})
+    srv = open_server
+    cfg = evict_requests.request_config({"sglang_evict": {"lookahead": 1}}, srv)
     assert evictor_config(cfg).policy.lookahead == 1
     with pytest.raises(ValueError, match=r"sglang_evict\.lookahead must be an integer in \[0, "):
-        evict_requests.request_config({"sglang_evict": {"lookahead": -2}})
+        evict_requests.request_config({"sglang_evict": {"lookahead": -2}}, srv)
     with pytest.raises(ValueError, match="lookahead applies to the retention policies"):
-        evict_requests.request_config({"sglang_evict": {"policy": "random", "lookahead": 1}})
+        evict_requests.request_config({"sglang_evict": {"policy": "random", "lookahead": 1}}, srv)
 
 
 def test_retention_needs_gates():
@@ -191,14 +191,14 @@ HOSTILE = [
 def test_hostile_override_fields_are_refused_by_field_name(monkeypatch, field, value):
     """Huge, negative, wrong-typed and null values: one ValueError (the tokenizer manager's
     400) that names the field, not the server flag, in every operator mode that takes them."""
-    from sglang_evict.patches import evict_requests, evict_state
+    from sglang_evict.patches import evict_requests
 
     for mode in ("clamp", "any"):
         server, _ = split_argv(["--evict-policy", "streaming", "--evict-budget", "64",
                                 "--evict-overrides", mode])
-        monkeypatch.setattr(evict_state._state, "config", server)
+        srv = server
         with pytest.raises(ValueError) as err:
-            evict_requests.request_config({"sglang_evict": {field: value}})
+            evict_requests.request_config({"sglang_evict": {field: value}}, srv)
         message = str(err.value)
         assert f"custom_params.sglang_evict.{field} must be" in message
         assert "--evict" not in message and "\n" not in message and len(message) < 200
@@ -207,32 +207,32 @@ def test_hostile_override_fields_are_refused_by_field_name(monkeypatch, field, v
 def test_operator_switch_decides_what_a_client_may_change(monkeypatch):
     """none: no override at all; clamp (the default): budget, buffer, sinks, window and
     lookahead at most the server's own, any evicting policy, no opt-out; any: everything."""
-    from sglang_evict.patches import evict_requests, evict_state
+    from sglang_evict.patches import evict_requests
 
     flags = ["--evict-policy", "streaming", "--evict-budget", "64", "--evict-buffer", "16",
              "--evict-sinks", "4", "--evict-window", "8"]
     default, _ = split_argv(flags)
     assert default.overrides == "clamp"
-    monkeypatch.setattr(evict_state._state, "config", default)
+    srv = default
     big = {"budget": 4096, "buffer": 999, "sinks": 100, "window": 500}
-    cfg = evict_requests.request_config({"sglang_evict": big})
+    cfg = evict_requests.request_config({"sglang_evict": big}, srv)
     assert (cfg.budget, cfg.buffer, cfg.sinks, cfg.window) == (64, 16, 4, 8)
-    small = evict_requests.request_config({"sglang_evict": {"budget": 8, "policy": "random"}})
+    small = evict_requests.request_config({"sglang_evict": {"budget": 8, "policy": "random"}}, srv)
     assert (small.budget, small.policy) == (8, "random")
     with pytest.raises(ValueError, match=r"policy: none \(no eviction\) is not allowed"):
-        evict_requests.request_config({"sglang_evict": {"policy": "none"}})
+        evict_requests.request_config({"sglang_evict": {"policy": "none"}}, srv)
 
     anything, _ = split_argv(flags + ["--evict-overrides", "any"])
-    monkeypatch.setattr(evict_state._state, "config", anything)
-    cfg = evict_requests.request_config({"sglang_evict": big})
+    srv = anything
+    cfg = evict_requests.request_config({"sglang_evict": big}, srv)
     assert (cfg.budget, cfg.buffer, cfg.sinks, cfg.window) == (4096, 999, 100, 500)
-    assert evict_requests.request_config({"sglang_evict": {"policy": "none"}}).policy == "none"
+    assert evict_requests.request_config({"sglang_evict": {"policy": "none"}}, srv).policy == "none"
 
     closed, _ = split_argv(flags + ["--evict-overrides", "none"])
-    monkeypatch.setattr(evict_state._state, "config", closed)
+    srv = closed
     with pytest.raises(ValueError, match="takes no per-request eviction settings"):
-        evict_requests.request_config({"sglang_evict": {"budget": 8}})
-    assert evict_requests.request_config(None) is None
+        evict_requests.request_config({"sglang_evict": {"budget": 8}}, srv)
+    assert evict_requests.request_config(None, srv) is None
     with pytest.raises(EvictConfigError, match="--evict-overrides must be one of"):
         split_argv(flags + ["--evict-overrides", "some"])
 
@@ -242,20 +242,21 @@ def test_evictors_of_distinct_overrides_stay_bounded(monkeypatch):
     override cache and the cache's evictor table stay bounded by what runs now."""
     from head_cache_sim import make_cache
 
-    from sglang_evict.patches import evict_requests, evict_state
+    from sglang_evict.patches import evict_requests
+    from sglang_evict.patches.runtime import Runtime
 
     server, _ = split_argv(["--evict-policy", "streaming", "--evict-budget", "4096",
                             "--evict-overrides", "any"])
-    monkeypatch.setattr(evict_state._state, "config", server)
+    srv = server
     cache = make_cache(64, 2, 2, 4)
-    monkeypatch.setattr(evict_state._state, "cache", cache)
-    monkeypatch.setattr(evict_requests, "_evictors", type(evict_requests._evictors)())
+    rt = Runtime(server)
+    rt.cache = cache
     rows = 3
     for i in range(1000):
-        cfg = evict_requests.request_config({"sglang_evict": {"budget": 1 + i}})
+        cfg = evict_requests.request_config({"sglang_evict": {"budget": 1 + i}}, srv)
         row = i % rows
         cache.release(row)  # the row's previous request finished
-        cache.set_row_evictor(row, evict_requests._evictor_for(cfg))
+        cache.set_row_evictor(row, evict_requests._evictor_for(rt, cfg))
         assert cache.evictor_of(row).config.budget == 1 + i
-    assert len(evict_requests._evictors) <= evict_requests.EVICTOR_CACHE
+    assert len(rt.request_evictors) <= evict_requests.EVICTOR_CACHE
     assert len(cache.evictors) <= rows + 1

@@ -10,7 +10,7 @@ import torch
 
 from sglang_evict.patches.evict_pool import check_model
 from sglang_evict.patches.evict_refusals import refusal
-from sglang_evict.patches.evict_state import HeadEvictError
+from sglang_evict.errors import HeadEvictError
 from sglang_evict.serve import StartupError, with_eviction_settings
 from sglang_evict.config import EvictConfig
 

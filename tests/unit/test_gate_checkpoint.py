@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sglang_evict.gate_checkpoint import (
+from sglang_evict.gates.checkpoint import (
     FORMAT_VERSION,
     HEADER_KEY,
     GateCheckpointError,
@@ -22,12 +22,12 @@ from sglang_evict.gate_checkpoint import (
     read_gate_header,
     save_gates,
 )
-from sglang_evict.trimkv_import import (
+from sglang_evict.gates.trimkv_import import (
     convert_trimkv_checkpoint,
     import_trimkv,
     import_trimkv_checkpoint,
 )
-from sglang_evict.gates import GateConfig, RetentionGates, activation_fn, expected_tensor_shapes
+from sglang_evict.gates.modules import GateConfig, RetentionGates, activation_fn, expected_tensor_shapes
 
 D, L, H, G = 24, 3, 2, 16
 
@@ -460,7 +460,7 @@ def test_import_rg10_tied_flag_with_distinct_copies_uses_last_layer(tmp_path, ca
     state = trimkv_state("rg10", tied=False)
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with caplog.at_level(logging.WARNING, logger="sglang_evict.trimkv_import"):
+    with caplog.at_level(logging.WARNING, logger="sglang_evict.gates.trimkv_import"):
         result = import_trimkv(path, hf_dict(retention_gate="rg10", tie_retention_gate_layers=True))
     assert result.gates.config.shared_projection is True
     assert "copies of linear3/bias differ" in caplog.text

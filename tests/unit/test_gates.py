@@ -13,16 +13,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_evict.gates import (
+from sglang_evict.gates.modules import (
     ACTIVATIONS,
     VARIANTS,
     GateConfig,
     RetentionGates,
     activation_fn,
     expected_tensor_shapes,
-    retention_log_alpha,
-    retention_log_alpha_lookahead,
 )
+from sglang_evict.gates.retention import retention_log_alpha, retention_log_alpha_lookahead
 
 LOGSIG10 = F.logsigmoid(torch.tensor(10.0, dtype=torch.float64)).item()  # ≈ -4.54e-5
 

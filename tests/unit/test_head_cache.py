@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from sglang_evict.errors import HeadEvictError
 from sglang_evict.cache.head_slots import EVICTED, HeadSlotPoolFull
 
 from head_cache_sim import CacheSim, make_cache
@@ -116,7 +117,6 @@ def test_reset_frees_everything():
 
 def test_start_up_refuses_pools_one_step_could_outgrow():
     from sglang_evict.patches.evict_pool import _check_fits
-    from sglang_evict.patches.evict_state import HeadEvictError
 
     cache = _cache(64, sinks=4)
     runner = SimpleNamespace(server_args=SimpleNamespace(chunked_prefill_size=32),
@@ -137,10 +137,9 @@ def test_start_up_caps_running_requests_the_user_left_open_to_the_budget_fit(mon
     requests: capped to (pool - chunk) // (M + B + 1), what `serve` chooses for a given pool; a
     value the user set is left to the fit check."""
     from sglang_evict.config import EvictConfig
-    from sglang_evict.patches import evict_pool, evict_state
+    from sglang_evict.patches import evict_pool
 
     cfg = EvictConfig(policy="retention-global", budget=8, buffer=7, sinks=2)
-    monkeypatch.setattr(evict_state._state, "config", cfg)
 
     def runner(user, default):
         return SimpleNamespace(
@@ -149,20 +148,20 @@ def test_start_up_caps_running_requests_the_user_left_open_to_the_budget_fit(mon
             memory_pool_config=SimpleNamespace(max_running_requests=default))
 
     r = runner(None, 500)
-    with pytest.raises(evict_state.HeadEvictError, match="lower --max-running-requests"):
+    with pytest.raises(HeadEvictError, match="lower --max-running-requests"):
         evict_pool._check_fits(r, _cache(64, sinks=2), 1000)  # 500 x 3 protected + 100 > 1000
-    evict_pool._fit_running(r, True, 1000)
+    evict_pool._fit_running(r, cfg, True, 1000)
     assert r.max_running_requests == (1000 - 100) // (8 + 7 + 1) == 56
     assert r.memory_pool_config.max_running_requests == 56
     evict_pool._check_fits(r, _cache(64, sinks=2), 1000)  # now fits
     small = runner(None, 20)
-    evict_pool._fit_running(small, True, 1000)
+    evict_pool._fit_running(small, cfg, True, 1000)
     assert small.max_running_requests == 20  # never raised above SGLang's own
     user = runner(500, 500)
-    evict_pool._fit_running(user, True, 1000)
+    evict_pool._fit_running(user, cfg, True, 1000)
     assert user.max_running_requests == 500
     off = runner(None, 500)
-    evict_pool._fit_running(off, False, 1000)
+    evict_pool._fit_running(off, cfg, False, 1000)
     assert off.max_running_requests == 500
 
 
@@ -173,16 +172,17 @@ def test_prefill_admission_counts_the_physical_pool(monkeypatch):
     from sglang.srt.managers.schedule_policy import AddReqResult
 
     from sglang_evict.patches import evict_admission as adm
-    from sglang_evict.patches import evict_state
+    from sglang_evict.patches.runtime import Runtime
 
     cache = _cache(20, budget=4, buffer=6, sinks=1)
     sim = CacheSim(cache)
     sim.step({0: 9})
-    monkeypatch.setattr(evict_state._state, "cache", cache)
+    rt = Runtime()
+    rt.cache = cache
     # 11 tokens free; request 0 holds 9, of which sink + newest (2 tokens) are protected
     assert cache.pool.num_free == 11 * L * H and cache.reclaimable() == 7 * L * H
     adder = SimpleNamespace(rem_chunk_tokens=12, can_run_list=[])
-    adm.after_prefill_adder_init(None, adder)
+    adm.after_prefill_adder_init(rt, None, adder)
     assert adder._evict_tokens_left == 18
 
     def admit(adder, req, *args):  # SGLang's admission: the next chunk, at most rem_chunk_tokens
@@ -201,7 +201,7 @@ def test_prefill_admission_counts_the_physical_pool(monkeypatch):
     assert big not in adder.can_run_list  # refused whole, never truncated to fit
     # a long prompt is admitted by its first chunk, continued only when the next chunk fits
     adder = SimpleNamespace(rem_chunk_tokens=12, can_run_list=[])
-    adm.after_prefill_adder_init(None, adder)
+    adm.after_prefill_adder_init(rt, None, adder)
     long = req(40)
     adm.around_add_one_req(admit, adder, long, False, None)
     assert long.extend_end == 12 and adder._evict_tokens_left == 6
@@ -211,12 +211,12 @@ def test_prefill_admission_counts_the_physical_pool(monkeypatch):
     # a request that may never be reclaimed from (policy none) leaves only what is free
     cache.set_row_evictor(0, None)
     adder = SimpleNamespace(rem_chunk_tokens=None, can_run_list=[])
-    adm.after_prefill_adder_init(None, adder)
+    adm.after_prefill_adder_init(rt, None, adder)
     assert adder._evict_tokens_left == 11
     # a mixed chunk decodes one token per running request beside the prefill: SGLang passes
     # their count to PrefillAdder, by name or in its place
     adder = SimpleNamespace(rem_chunk_tokens=None, can_run_list=[])
-    adm.after_prefill_adder_init(None, adder, 1, None, None, None, 0.5, 100, None, 3)
+    adm.after_prefill_adder_init(rt, None, adder, 1, None, None, None, 0.5, 100, None, 3)
     assert adder._evict_tokens_left == 11 - 3
-    adm.after_prefill_adder_init(None, adder, num_mixed_decode_tokens=4)
+    adm.after_prefill_adder_init(rt, None, adder, num_mixed_decode_tokens=4)
     assert adder._evict_tokens_left == 11 - 4

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_evict.eviction import policies
-from sglang_evict.gates import retention_log_alpha, retention_log_alpha_lookahead
+from sglang_evict.gates.retention import retention_log_alpha, retention_log_alpha_lookahead
 from sglang_evict.eviction.policies import (
     POLICIES,
     EvictionPolicy,

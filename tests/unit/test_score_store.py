@@ -90,18 +90,19 @@ def test_finished_request_stats_are_bounded(monkeypatch):
 
     from sglang_evict.config import EvictConfig
     from sglang_evict.patches import gate_attach, request_meta
+    from sglang_evict.patches.runtime import Runtime
 
     state = gate_attach.GateAttachment(EvictConfig(), gates=None, num_layers=1, num_kv_heads=1)
     state.store = ScoreStore(4, 1, 1, 1, "cpu")
-    monkeypatch.setattr(gate_attach, "_attachment", state)
+    rt = Runtime(EvictConfig())
+    rt.gates = state
     monkeypatch.setattr(request_meta, "MAX_PENDING_STATS", 3)
-    monkeypatch.setattr(request_meta, "_finished_stats", {})
     rows = SimpleNamespace(req_to_token=torch.tensor([[0, 1, 2, 3]]))
     tree_cache = SimpleNamespace(req_to_token_pool=rows)
     for i in range(5):
         kv = SimpleNamespace(req_pool_idx=0, kv_committed_len=2)
         req = SimpleNamespace(rid=f"r{i}", finished=lambda: True, kv=kv)
-        request_meta.before_release_kv_cache(req, tree_cache)
+        request_meta.before_release_kv_cache(rt, req, tree_cache)
     # Requests that were never streamed (aborted) cannot pile up: only the newest stay.
-    assert list(request_meta._finished_stats) == ["r2", "r3", "r4"]
-    assert request_meta._finished_stats["r4"]["scored_tokens"] == 2
+    assert list(rt.finished_stats) == ["r2", "r3", "r4"]
+    assert rt.finished_stats["r4"]["scored_tokens"] == 2

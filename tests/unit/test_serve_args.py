@@ -128,8 +128,8 @@ def test_shipped_default_gates_are_dbtrimkv_and_served_by_default(default_model_
     --evict-gates is given (the real start-up check loads them)."""
     import json
 
-    from sglang_evict.gate_checkpoint import read_gate_header
-    from sglang_evict.gate_files import load_gates_for_model
+    from sglang_evict.gates.checkpoint import read_gate_header
+    from sglang_evict.gates.files import load_gates_for_model
 
     hf = json.loads((default_model_path / "config.json").read_text())
     gates = load_gates_for_model(serve.DEFAULT_GATES, hf)

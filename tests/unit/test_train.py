@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sglang_evict import training as tr
-from sglang_evict.gate_checkpoint import load_gates, read_gate_header
-from sglang_evict.gate_files import load_gates_for_model
-from sglang_evict.gates import GateConfig, RetentionGates
+from sglang_evict.gates.checkpoint import load_gates, read_gate_header
+from sglang_evict.gates.files import load_gates_for_model
+from sglang_evict.gates.modules import GateConfig, RetentionGates
 
 LENGTH = 192  # tokens per training sequence: enough for the chat template and a needle
 
@@ -174,7 +174,7 @@ def test_capacity_scope(tiny_model_dir, tmp_path, scope):
 def test_distillation_starts_shared_projection_gates_from_per_layer_ones(tiny_model_dir, tmp_path):
     """Per-layer gates with varied scores, exported; a DBTrimKV run that distils from them
     starts with their scores: the log-rate error, measured here on fresh sequences, falls."""
-    from sglang_evict.gate_checkpoint import save_gates
+    from sglang_evict.gates.checkpoint import save_gates
     from sglang_evict.training.distill import attention_inputs, distill_error
 
     model = tr.load_base_model(tiny_model_dir)

@@ -11,6 +11,7 @@ from importlib.metadata import entry_points, version
 import pytest
 
 from sglang_evict.patches import cpu_rotary, hook_check
+from sglang_evict.patches.runtime import Runtime
 
 
 def resolve(dotted: str):
@@ -56,8 +57,13 @@ def test_plugin_entry_point_registers_hooks():
 
     register()
     hooked = HookRegistry._hooks
-    assert any(h[1] is cpu_rotary.around_rotary_init for h in hooked[cpu_rotary.TARGET])
-    assert any(h[1] is cpu_rotary.before_model_runner_init for h in hooked[cpu_rotary.RUNNER_TARGET])
+
+    def hook_of(h):  # a hook bound to the process's Runtime wraps the module's function
+        return getattr(h[1], "__wrapped__", h[1])
+
+    assert any(hook_of(h) is cpu_rotary.around_rotary_init for h in hooked[cpu_rotary.TARGET])
+    assert any(hook_of(h) is cpu_rotary.before_model_runner_init
+               for h in hooked[cpu_rotary.RUNNER_TARGET])
     assert any(h[1] is hook_check.after_check_server_args for h in hooked[hook_check.CHECK_ARGS])
     assert hook_check.RUNNER_INIT == cpu_rotary.RUNNER_TARGET
     assert _params(hook_check.CHECK_ARGS) == ["self"]
@@ -69,10 +75,11 @@ def test_cpu_flag_is_set_only_while_building_on_cpu():
     seen = []
     original = lambda: seen.append(base._is_cpu)  # noqa: E731
     before = base._is_cpu
-    cpu_rotary.before_model_runner_init(server_args=type("A", (), {"device": "cuda"})())
-    cpu_rotary.around_rotary_init(original)
-    cpu_rotary.before_model_runner_init(server_args=type("A", (), {"device": "cpu"})())
-    cpu_rotary.around_rotary_init(original)
+    rt = Runtime()
+    cpu_rotary.before_model_runner_init(rt, server_args=type("A", (), {"device": "cuda"})())
+    cpu_rotary.around_rotary_init(rt, original)
+    cpu_rotary.before_model_runner_init(rt, server_args=type("A", (), {"device": "cpu"})())
+    cpu_rotary.around_rotary_init(rt, original)
     assert seen == [before, True]
     assert base._is_cpu == before
 
@@ -131,7 +138,6 @@ def test_head_evict_targets():
         evict_radix,
         evict_refusals,
         evict_requests,
-        evict_state,
         evict_step,
         head_evict,
     )
@@ -163,6 +169,7 @@ def test_head_evict_targets():
     assert _params(h.CHECK_ARGS) == ["self"]
     # the radix tree: checkpoint moves the request's prefix into the tree and its lock there
     assert _params(h.CHECKPOINT)[:3] == ["self", "req", "up_to"]
+    from sglang.srt.managers import scheduler as scheduler_module
     from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
     source = inspect.getsource(UnifiedRadixCache.checkpoint_into_tree)
@@ -173,6 +180,12 @@ def test_head_evict_targets():
     assert _params(h.PREFILL_ADDER)[1 + evict_admission._MIXED_POSITION] == "num_mixed_decode_tokens"
     assert _params(h.ADD_ONE_REQ) == ["self", "req", "has_chunked_req", "truncation_align_size"]
     assert _params(h.ADD_CHUNKED_REQ) == ["self", "req"]
+    # the scheduler validates a new request's length with this function, by the module's name,
+    # and aborts it with the message it returns (HTTP 400)
+    assert _params(h.VALIDATE_INPUT) == ["req", "max_req_input_len", "allow_auto_truncate"]
+    sched_source = inspect.getsource(scheduler_module)
+    assert "error_msg = validate_input_length(" in sched_source
+    assert "req.set_finish_with_abort(error_msg)" in sched_source
     from sglang.srt.managers import scheduler
     from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder
 
@@ -221,9 +234,9 @@ def test_attention_backend_is_registered_for_the_cli():
     from sglang_evict.config import ATTENTION_BACKEND
     from sglang_evict.patches import evict_backend
 
-    evict_backend.register_backend()
+    evict_backend.register_backend(Runtime())
     assert ATTENTION_BACKEND in ATTENTION_BACKEND_CHOICES
-    assert ATTENTION_BACKENDS[ATTENTION_BACKEND] is evict_backend.create_backend
+    assert ATTENTION_BACKENDS[ATTENTION_BACKEND].__wrapped__ is evict_backend.create_backend
 
 
 def test_evict_meta_info_is_one_object_beside_accumulated_customized_info():

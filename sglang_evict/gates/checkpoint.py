@@ -18,8 +18,8 @@ JSON object:
 ValueError) with a message that names the file and the problem, so a bad file stops the server
 at start-up rather than mid-serving.
 
-The authors' `trimkv_weights.pth` is read by `sglang_evict.trimkv_import`;
-`sglang_evict.gate_files.load_gates_for_model` takes either format.
+The authors' `trimkv_weights.pth` is read by `sglang_evict.gates.trimkv_import`;
+`sglang_evict.gates.files.load_gates_for_model` takes either format.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sglang_evict.gates import GateConfig, RetentionGates, expected_tensor_shapes
+from sglang_evict.gates.modules import GateConfig, RetentionGates, expected_tensor_shapes
 
 HEADER_KEY = "sglang_evict_gates"
 FORMAT_VERSION = 1

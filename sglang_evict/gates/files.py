@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from sglang_evict.gate_checkpoint import load_gates
-from sglang_evict.gates import GateConfig, RetentionGates
-from sglang_evict.trimkv_import import import_trimkv_checkpoint
+from sglang_evict.gates.checkpoint import load_gates
+from sglang_evict.gates.modules import GateConfig, RetentionGates
+from sglang_evict.gates.trimkv_import import import_trimkv_checkpoint
 
 
 def load_gates_for_model(
