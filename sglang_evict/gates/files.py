@@ -1,4 +1,4 @@
-"""Gates for a served model from a file of either format: ours (`gate_checkpoint`, a
+"""Gates for a served model from a file of either format: ours (`checkpoint`, a
 .safetensors file) or the authors' (`trimkv_import`: trimkv_weights.pth, or its folder)."""
 
 from __future__ import annotations

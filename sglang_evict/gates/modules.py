@@ -20,7 +20,7 @@ The gate math always runs in float32, whatever the dtype of the input or of the 
 log β is stored once per cached entry and multiplied by ages of up to ~1e5 tokens, so a bf16
 rounding of log β (3 significant digits) would reorder entries.
 
-Parameter names are the checkpoint keys (see `gate_checkpoint`), so they are part of the
+Parameter names are the checkpoint keys (see `checkpoint`), so they are part of the
 on-disk format and must not change:
 
     first stage, layer i    mlp, mlp3   layers.{i}.w1.weight [G, d]      layers.{i}.w1.bias [G]

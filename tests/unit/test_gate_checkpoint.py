@@ -316,7 +316,7 @@ def test_expected_shapes_cover_every_key_in_a_saved_file(tmp_path):
 
 # ---------------------------------------------------------------------- the authors' format
 #
-# Their keys (see the trimkv_import module docstring):
+# Their keys (see the gates.trimkv_format module docstring):
 #   <prefix>layers.<i>.self_attn.retention_gate.{linear1.weight [I, d], linear1.bias [I],
 #       linear2.weight [H, I], bias [H]}                                      ('rg')
 #   + linear2 = [I, I] with bias, linear3.weight [H, I]                       ('rg10')
