@@ -362,8 +362,9 @@ class HeadKVCache:
         (`unaccounted`), and, given req_to_token, each active row's lists against a
         recomputation from the virtual map."""
         self.pool.check_integrity()
-        self.lists.check_integrity(self.pool.slot_map, self.pos, self.tree.held_mask())
-        self.tree.check_integrity()
+        tree_slots = self.tree.held_mask()
+        self.lists.check_integrity(self.pool.slot_map, self.pos, tree_slots)
+        self.tree.check_integrity(tree_slots)
         gap = self.unaccounted()
         if gap != 0:
             raise RuntimeError(f"{gap} head-slots neither free, listed by a request nor held by "

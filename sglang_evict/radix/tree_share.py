@@ -233,11 +233,13 @@ class TreeShare:
         self.holders.zero_()
         self.alone_host.zero_()
 
-    def check_integrity(self) -> None:
+    def check_integrity(self, tree_slots: torch.Tensor | None = None) -> None:
         """The host counts against the device: what the tree holds and protects, the shared
-        refcounts against the lists' shared parts, the rows' alone counts."""
+        refcounts against the lists' shared parts, the rows' alone counts. `tree_slots`:
+        `held_mask()` when the caller computed it already."""
         vid = self.pool.slot_vid.long()
-        tree_slots = self.held_mask()
+        if tree_slots is None:
+            tree_slots = self.held_mask()
         if int(tree_slots.sum()) != self.live:
             raise RuntimeError(f"tree holds {int(tree_slots.sum())} head-slots, counted {self.live}")
         rows = torch.arange(self.alone_host.shape[0])
