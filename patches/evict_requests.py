@@ -15,6 +15,7 @@ import dataclasses
 import re
 
 from sglang_evict.config import POLICY_CHOICES, EvictConfig
+from sglang_evict.patches import faults
 from sglang_evict.patches.runtime import bind
 
 SAMPLING_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
@@ -128,11 +129,15 @@ def after_prepare_for_extend(rt, result, batch, *args, **kwargs):
     if state is None:
         return result
     for req in batch.reqs:
-        cfg = request_config(req.sampling_params.custom_params, rt.config)
-        row = req.kv.req_pool_idx
-        if cfg is not None and row is not None:
-            state.set_row_evictor(row, _evictor_for(rt, cfg))
+        faults.for_request("the request's eviction settings", req, _set_evictor, rt, state, req)
     return result
+
+
+def _set_evictor(rt, state, req) -> None:
+    cfg = request_config(req.sampling_params.custom_params, rt.config)
+    row = req.kv.req_pool_idx
+    if cfg is not None and row is not None:
+        state.set_row_evictor(row, _evictor_for(rt, cfg))
 
 
 def before_validate_request(manager, obj, input_ids, *args, **kwargs):

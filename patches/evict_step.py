@@ -3,18 +3,23 @@
   req_to_token rows (SGLang passes it on for extend only), so the step reads no rows back from
   the device;
 - ModelRunner.forward (AFTER): the evictor enforces the budgets after every step, including
-  between prefill chunks; and each finishing request's statistics for its meta_info."""
+  between prefill chunks; and each finishing request's statistics for its meta_info;
+- Scheduler.on_idle (AFTER): the gauges catch up with what finished requests released after the
+  last step, so a drained server shows its drained pool (polled: only when something changed)."""
 
 from __future__ import annotations
 
 import logging
 
+from sglang_evict.backend.step import host_field
+from sglang_evict.patches import faults
 from sglang_evict.patches.runtime import bind
 
 logger = logging.getLogger(__name__)
 
 FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 INIT_FORWARD_BATCH = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
+ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 
 
 def after_init_forward_batch(forward_batch, *args, **kwargs):
@@ -36,9 +41,24 @@ def after_forward(rt, result, runner, *args, **kwargs):
         return result
     if forward_batch.forward_mode.is_idle() or state.new_slots is None:
         return result
-    state.after_forward(forward_batch, runner.req_to_token_pool.req_to_token)
+    try:
+        state.after_forward(forward_batch, runner.req_to_token_pool.req_to_token)
+    except Exception as exc:  # noqa: BLE001 - the forward's output stands; its requests end
+        rows = host_field(forward_batch, "req_pool_indices").tolist()
+        faults.mark_rows(rt, rows, "the step's budget enforcement", exc)
     publish_metrics(rt)
     return result
+
+
+def after_on_idle(rt, result, scheduler, *args, **kwargs):
+    state = rt.cache
+    if state is not None and rt.published != _pool_state(state):
+        publish_metrics(rt)
+    return result
+
+
+def _pool_state(state) -> tuple:
+    return state.steps, state.pool.num_free, state.tree.live
 
 
 def publish_metrics(rt) -> None:
@@ -48,6 +68,7 @@ def publish_metrics(rt) -> None:
     state, runner = rt.cache, rt.runner
     if state is None or runner is None:
         return
+    rt.published = _pool_state(state)
     gap = state.unaccounted()
     if gap != state.reported_unaccounted:
         if gap:
@@ -101,3 +122,4 @@ def _policy_label(ev) -> dict:
 def register(registry, hook_type, rt) -> None:
     registry.register(INIT_FORWARD_BATCH, after_init_forward_batch, hook_type.AFTER)
     registry.register(FORWARD, bind(rt, after_forward), hook_type.AFTER)
+    registry.register(ON_IDLE, bind(rt, after_on_idle), hook_type.AFTER)

@@ -10,6 +10,7 @@ tests/unit/test_upstream_guards.py); this one registers them, only with `--evict
     evict_radix      the radix tree's checkpoints: cached prefixes shared with their head-slots
     evict_requests   per-request policy overrides (custom_params), refused when malformed
     evict_backend    the `sglang_evict` attention backend
+    faults           a fault in a hook ends the requests it concerns, never the scheduler
 (what they share in one process: runtime.Runtime, created by the plugin)
 """
 
@@ -23,9 +24,11 @@ from sglang_evict.patches import (
     evict_refusals,
     evict_requests,
     evict_step,
+    faults,
 )
 
-HOOKS = (evict_refusals, evict_pool, evict_admission, evict_step, evict_requests, evict_radix)
+HOOKS = (evict_refusals, evict_pool, evict_admission, evict_step, evict_requests, evict_radix,
+         faults)
 
 
 def register(registry, hook_type, rt) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from sglang_evict.cache.score_store import ScoreStore
-from sglang_evict.patches import evict_step
+from sglang_evict.patches import evict_step, faults
 from sglang_evict.patches.runtime import bind
 
 RELEASE_KV = "sglang.srt.mem_cache.common.release_kv_cache"
@@ -45,10 +45,18 @@ def before_release_kv_cache(rt, req, tree_cache, *args, **kwargs):
     row = req.kv.req_pool_idx
     if row is None:
         return None
+    faults.forget_row(rt, row)
+    # SGLang's release goes on whatever happens here: its free hook returns the memory.
+    faults.for_request("the request's statistics at release", req, _take_stats, rt, req, row,
+                       tree_cache)
+    return None
+
+
+def _take_stats(rt, req, row: int, tree_cache) -> None:
     # Always hand the row's eviction statistics over: the row may be reused next step.
     evict_stats = evict_step.release_stats(rt, req, row)
     if not req.finished():
-        return None
+        return
     entry = dict(evict_stats or {})
     state = rt.gates
     if state is not None and state.store is not None:
@@ -57,12 +65,11 @@ def before_release_kv_cache(rt, req, tree_cache, *args, **kwargs):
         slots = tree_cache.req_to_token_pool.req_to_token[row, :n]
         entry.update(request_stats(state.store, slots))
     if not entry:
-        return None
+        return
     pending = rt.finished_stats
     pending[req.rid] = entry
     while len(pending) > MAX_PENDING_STATS:
         pending.popitem(last=False)
-    return None
 
 
 def around_output_streamer_class(rt, original, scheduler, *args, **kwargs):

@@ -30,6 +30,9 @@ class Runtime:
         self.finished_stats: OrderedDict[str, dict] = OrderedDict()
         self.metrics = None  # EvictMetrics of this scheduler, once created
         self.metrics_made = False
+        self.published = None  # the pool's state the gauges last showed (evict_step)
+        # Rows whose requests a fault in a batch step ends at their next result (faults.py).
+        self.faulted_rows: dict[int, tuple] = {}
 
     @property
     def config(self) -> EvictConfig:

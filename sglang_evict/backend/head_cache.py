@@ -239,14 +239,16 @@ class HeadKVCache:
         """Enforce the budgets of the batch's requests over their trigger, all together."""
         self.steps += 1
         rows = self._batch_rows  # the step's real requests (a graph's padding excluded)
-        self.requests.enforce(rows)
-        st = self.stats
-        st.peak_live[rows] = torch.maximum(st.peak_live[rows], st.live[rows])
-        if self.debug_check:
-            self.check_integrity(req_to_token)
-        self.new_slots = None
-        self.step = None
-        self._batch_rows = self._batch_rows_dev = None
+        try:
+            self.requests.enforce(rows)
+            st = self.stats
+            st.peak_live[rows] = torch.maximum(st.peak_live[rows], st.live[rows])
+            if self.debug_check:
+                self.check_integrity(req_to_token)
+        finally:  # the step is over, whatever failed in it (faults.py ends its requests)
+            self.new_slots = None
+            self.step = None
+            self._batch_rows = self._batch_rows_dev = None
 
     def drop(self, rows, entries, valid, keep) -> torch.Tensor:
         """Free what `keep` drops from the gathered lists of `rows`, compact the lists; returns

@@ -96,16 +96,30 @@ class GlobalEvictor:
         return slots, lh, scores.masked_fill(pinned, math.inf)
 
     def reclaimable(self) -> int:
-        """Head-slots that `reclaim` could free now: private live minus an upper bound on
-        protected ones (sinks plus recent window of every request; a cheap bound, no scoring),
-        plus the unprotected head-slots the tree holds."""
+        """A lower bound on what `reclaim` frees now, judged as reclaim judges: the tree's
+        head-slots exactly (scored by the server's policy at their youngest holder's length,
+        pinned ones excluded), plus each request's private live entries less an upper bound on
+        its protected ones (sinks plus recent window per layer and head; no scoring)."""
         c = self.cache
-        tree = c.tree.live - c.tree.protected if self.requests.default is not None else 0
         rows = self.rows()
+        tree = self._tree_reclaimable()
         if rows.numel() == 0:
-            return max(tree, 0)
+            return tree
         pols = [e.config.policy for e in self.requests.evictors]
         prot = torch.tensor([p.sinks + p.window + 1 for p in pols], dtype=torch.long)
         protected = torch.minimum(c.stats.seq_len[rows], prot[self.requests.row_evictor[rows]])
         live = (c.lists.lens_host[rows] - c.lists.shared_host[rows]).sum(dim=1)
-        return int((live - protected * c.heads_per_token).clamp(min=0).sum()) + max(tree, 0)
+        return int((live - protected * c.heads_per_token).clamp(min=0).sum()) + tree
+
+    def _tree_reclaimable(self) -> int:
+        """The tree's head-slots `reclaim` may take: its live entries less those the server's
+        policy protects at their youngest holder's length and those a policy-none request pins
+        (the host counts, when no running request lists any of them)."""
+        c = self.cache
+        if c.tree.live == 0 or self.requests.default is None:
+            return 0
+        listing = c.stats.active & c.lists.shared_host.any(dim=1)
+        if not bool(listing.any()):  # every entry judged at the length the tree took it from
+            return max(c.tree.live - c.tree.protected, 0)
+        _, _, scores = self._tree_candidates()
+        return int(torch.isfinite(scores).sum())

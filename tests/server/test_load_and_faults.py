@@ -1,13 +1,17 @@
 """A bounded randomized load against a small pool with eviction and the radix cache on (CPU,
 default model): concurrent clients with shared prefixes, mixed lengths, client disconnects,
-malformed per-request overrides and token ids outside the vocabulary. Every request that is not
-aborted completes, malformed ones get 400 naming the problem, nothing gets a 5xx, the scheduler
-never dies (the cache's integrity check runs after every step), and after draining and a flush
-every head-slot is free; no request was retracted while eviction could make room."""
+malformed per-request overrides, token ids outside the vocabulary, and requests that hit a fault
+injected into the plugin's own code. Every request that is not aborted completes, malformed ones
+get 400 naming the problem, the faulty ones 500 naming the hook, nothing else gets a 5xx, the
+scheduler never dies (the cache's integrity check runs after every step); once the requests
+drain, every head-slot is free or held by the radix tree, and again after SGLang's own tree
+eviction made room for new prompts (never checked after a flush, which frees everything); no
+request was retracted while eviction could make room."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import random
 import re
 import time
@@ -18,22 +22,55 @@ import requests
 CLIENTS = 32
 SECONDS = 150
 POOL = 256
+FAULTY_BUDGET = 13
+# Every process of the server imports this first (sitecustomize): building the evictor of a
+# budget-13 override raises, as a bug in the plugin's own code would.
+INJECT_FAULT = f"""
+from sglang_evict.eviction import evictor as _evictor
+
+_real_init = _evictor.Evictor.__init__
+
+
+def _faulty_init(self, config, *args, **kwargs):
+    if config.budget == {FAULTY_BUDGET}:
+        raise RuntimeError("injected fault")
+    _real_init(self, config, *args, **kwargs)
+
+
+_evictor.Evictor.__init__ = _faulty_init
+"""
 
 
 @pytest.fixture(scope="module")
-def loaded_server():
+def loaded_server(tmp_path_factory):
     from sglang_evict.server_process import ServerProcess
 
+    site = tmp_path_factory.mktemp("inject_fault")
+    (site / "sitecustomize.py").write_text(INJECT_FAULT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
     args = ["--evict-policy", "streaming", "--evict-budget", "16", "--evict-buffer", "8",
             "--max-total-tokens", str(POOL), "--enable-metrics", "--evict-debug-check", "1"]
-    with ServerProcess(args) as srv:
+    with ServerProcess(args, env=env) as srv:
         yield srv
 
 
-def _free_and_capacity(server) -> tuple[float, float]:
+def _gauges(server) -> dict[str, float]:
     text = requests.get(server.url + "/metrics", timeout=30).text
-    get = lambda name: float(re.search(rf"^sglang_evict:{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))  # noqa: E731
-    return get("head_slots_free"), get("head_slots_capacity")
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^((?:sglang_evict|sglang):[a-z_]+)\{[^}]*\} (\S+)$", text, re.M)}
+
+
+def _drained(server, seconds: float = 120) -> dict[str, float]:
+    """The gauges once no request runs: every head-slot free or the tree's (they catch up when
+    the scheduler goes idle); the last reading if that never happens."""
+    deadline = time.monotonic() + seconds
+    while True:
+        g = _gauges(server)
+        free, tree = g["sglang_evict:head_slots_free"], g["sglang_evict:head_slots_tree"]
+        if free + tree == g["sglang_evict:head_slots_capacity"] or time.monotonic() > deadline:
+            return g
+        time.sleep(1)
 
 
 def _client(server, seed: int, deadline: float) -> list[tuple[str, int, str]]:
@@ -41,7 +78,8 @@ def _client(server, seed: int, deadline: float) -> list[tuple[str, int, str]]:
     prefixes = [[rng.randrange(100, 20000) for _ in range(rng.randrange(20, 120))] for _ in range(3)]
     out = []
     while time.monotonic() < deadline:
-        kind = rng.choices(["normal", "abort", "bad_override", "bad_ids"], [6, 2, 1, 1])[0]
+        kind = rng.choices(["normal", "abort", "bad_override", "bad_ids", "faulty"],
+                           [6, 2, 1, 1, 1])[0]
         ids = rng.choice(prefixes) + [rng.randrange(100, 20000) for _ in range(rng.randrange(1, 40))]
         params = {"temperature": 0, "max_new_tokens": rng.randrange(1, 48), "ignore_eos": True}
         if kind == "bad_override":
@@ -49,6 +87,8 @@ def _client(server, seed: int, deadline: float) -> list[tuple[str, int, str]]:
                                                                    {"policy": "lru"}])}
         if kind == "bad_ids":
             ids = ids[:5] + [10**9]
+        if kind == "faulty":
+            params["custom_params"] = {"sglang_evict": {"budget": FAULTY_BUDGET}}
         body = {"input_ids": ids, "sampling_params": params}
         try:
             if kind == "abort":
@@ -73,7 +113,7 @@ def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
         results = [r for rs in pool.map(lambda i: _client(loaded_server, i, deadline),
                                         range(CLIENTS)) for r in rs]
     by_kind = {k: [r for r in results if r[0] == k] for k in ("normal", "abort", "bad_override",
-                                                               "bad_ids")}
+                                                               "bad_ids", "faulty")}
     assert all(len(v) > 0 for v in by_kind.values()), {k: len(v) for k, v in by_kind.items()}
     assert all(code == 200 for _, code, _ in by_kind["normal"]), [
         r for r in by_kind["normal"] if r[1] != 200][:3]
@@ -82,7 +122,10 @@ def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
                for _, code, text in by_kind["bad_override"])
     assert all(code == 400 and "outside the vocabulary" in text
                for _, code, text in by_kind["bad_ids"])
-    assert not any(code >= 500 or code < 0 for _, code, _ in results)
+    # an exception in a hook ends its request with a 500 naming it; the others above completed
+    assert all(code == 500 and "internal error in the request's eviction settings" in text
+               for _, code, text in by_kind["faulty"]), by_kind["faulty"][:3]
+    assert not any(code >= 500 or code < 0 for kind, code, _ in results if kind != "faulty")
     # every running request fits its budget in the pool (serve sized it): eviction and reclaim
     # always make room, SGLang never had to retract
     log = loaded_server.log_path.read_text(errors="replace")
@@ -93,15 +136,31 @@ def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
     gauge = re.search(r"^sglang_evict:head_slots_unaccounted\{[^}]*\} (\S+)$", text, re.M)
     assert gauge is not None and float(gauge.group(1)) == 0.0
     assert "head-slots are neither free" not in log
-    # drained: after a flush every head-slot is free, and the server keeps serving
-    for _ in range(120):
-        requests.post(loaded_server.url + "/flush_cache", timeout=30)
-        free, capacity = _free_and_capacity(loaded_server)
-        if free == capacity:
-            break
-        time.sleep(1)
-    assert free == capacity
-    r = requests.post(loaded_server.url + "/generate", json={
-        "input_ids": [1000, 2000, 3000], "sampling_params": {"max_new_tokens": 4}}, timeout=120)
-    assert r.status_code == 200
+    # drained: every head-slot is free or held by the radix tree, which holds at most its
+    # cached tokens' head-slots
+    g = _drained(loaded_server)
+    assert g["sglang_evict:head_slots_free"] + g["sglang_evict:head_slots_tree"] == \
+        g["sglang_evict:head_slots_capacity"], g
+    assert g["sglang_evict:head_slots_unaccounted"] == 0
+    hpt = 30 * 3  # the default model: 30 layers, 3 KV heads
+    cached = g["sglang:kv_evictable_tokens"]
+    assert 0 < g["sglang_evict:head_slots_tree"] <= cached * hpt, g
+    # new prompts that outgrow SGLang's (virtual) token pool: its own tree eviction frees cached
+    # prefixes, and what it freed is free again once they drain
+    rng = random.Random(99)
+    virtual = int(g["sglang:kv_available_tokens"] + cached)
+    n = virtual // 500 + 2
+    bodies = [{"input_ids": [rng.randrange(100, 20000) for _ in range(500)],
+               "sampling_params": {"max_new_tokens": 2}} for _ in range(n)]
+    with cf.ThreadPoolExecutor(2) as pool:
+        codes = list(pool.map(lambda b: requests.post(loaded_server.url + "/generate", json=b,
+                                                       timeout=600).status_code, bodies))
+    assert codes == [200] * n
+    after = _drained(loaded_server)
+    assert after["sglang_evict:head_slots_free"] + after["sglang_evict:head_slots_tree"] == \
+        after["sglang_evict:head_slots_capacity"], after
+    assert after["sglang_evict:head_slots_unaccounted"] == 0
+    assert after["sglang_evict:head_slots_tree"] <= after["sglang:kv_evictable_tokens"] * hpt
+    log = loaded_server.log_path.read_text(errors="replace")
+    assert "head-slots are neither free" not in log and "memory leak" not in log.lower()
     assert loaded_server.proc.poll() is None

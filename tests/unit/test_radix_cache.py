@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sglang_evict.cache.head_slots import EVICTED
+from sglang_evict.cache.head_slots import EVICTED, HeadSlotPoolFull
 
 from head_cache_sim import make_cache
 from radix_sim import RadixSim
@@ -183,6 +183,76 @@ OPS = st.lists(
 )
 
 
+def _apply(sim, op: str, row: int, a: int, b: int) -> int:
+    """One random operation of SGLang's radix flow on the simulated cache; returns the tokens
+    it asked the pool for (0 if it took none)."""
+    cache = sim.cache
+    running = [r for r in range(4) if sim.lens[r]]
+    if op == "admit" and not sim.lens[row]:
+        live_seqs = [i for i, s in enumerate(sim.sequences) if s.numel()]
+        if live_seqs and a % 2:
+            seq = live_seqs[a % len(live_seqs)]
+            prefix = 1 + a % sim.sequences[seq].numel()
+            ids = sim.sequences[seq][:prefix]
+            assert bool((cache.tree.tree_t[ids.long()] >= 0).all())  # never freed KV
+            sim.admit(row, seq, prefix, b, log_beta=None)
+        else:
+            sim.admit(row, None, 0, b, log_beta=None)
+        return b
+    if op == "decode" and running:
+        sim.step({r: 1 for r in running}, log_beta=None)
+        return len(running)
+    if op == "chunk" and sim.lens[row]:
+        sim.step({row: b}, log_beta=None)
+        return b
+    if op in ("finish", "abort") and sim.lens[row]:
+        sim.finish(row, into_tree=op == "finish")
+    elif op == "checkpoint" and sim.lens[row]:
+        sim.checkpoint(row)
+    elif op == "evict_tree" and sim.sequences:
+        sim.evict_sequence(a % len(sim.sequences))
+    return 0
+
+
+def _asks(sim, op: str, row: int) -> int:
+    """The tokens `_apply` would ask the pool for, before it runs (b for admit and chunk)."""
+    running = [r for r in range(4) if sim.lens[r]]
+    if op == "decode":
+        return len(running)
+    if op == "admit" and not sim.lens[row] or op == "chunk" and sim.lens[row]:
+        return -1  # b
+    return 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS, st.sampled_from(["streaming", "retention", "random"]),
+       st.lists(st.booleans(), min_size=4, max_size=4))
+def test_a_step_admission_counted_as_fitting_never_runs_short(ops, policy, never):
+    """Admission's promise, under random tree and request operations with some requests that
+    never evict (policy none, pinning the tree entries they list) and holders of different
+    lengths: a step whose head-slots fit the free ones plus `reclaimable()` never fails, and
+    `reclaimable()` never exceeds what the global evictor frees when asked for everything."""
+    cache, sim = _sim(capacity_tokens=16, policy=policy, budget=3, buffer=2)
+    fitted = short = 0
+    for op, row, a, b in ops:
+        if op == "admit" and not sim.lens[row]:
+            cache.set_row_evictor(row, None if never[row] else cache.requests.default)
+        asks = _asks(sim, op, row)
+        asks = b if asks < 0 else asks
+        fits = asks * HPT <= cache.pool.num_free + cache.reclaimable()
+        try:
+            _apply(sim, op, row, a, b)
+            fitted += bool(asks)
+        except HeadSlotPoolFull:
+            assert not fits, (op, asks, cache.pool.num_free)
+            short += 1
+        cache.check_integrity(sim.req_to_token)
+        if a == 7:  # now and then: the global evictor asked for everything it can take
+            promised = cache.reclaimable()
+            assert cache.reclaim(cache.capacity) >= promised
+            cache.check_integrity(sim.req_to_token)
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPS, st.sampled_from(["streaming", "retention", "random"]))
 def test_random_tree_and_request_operations_keep_every_invariant(ops, policy):
@@ -192,33 +262,10 @@ def test_random_tree_and_request_operations_keep_every_invariant(ops, policy):
     match returns freed KV; after draining, free == capacity."""
     cache, sim = _sim(capacity_tokens=16, policy=policy, budget=3, buffer=2)
     for op, row, a, b in ops:
-        running = [r for r in range(4) if sim.lens[r]]
         try:
-            if op == "admit" and not sim.lens[row]:
-                live_seqs = [i for i, s in enumerate(sim.sequences) if s.numel()]
-                if live_seqs and a % 2:
-                    seq = live_seqs[a % len(live_seqs)]
-                    prefix = 1 + a % sim.sequences[seq].numel()
-                    ids = sim.sequences[seq][:prefix]
-                    assert bool((cache.tree.tree_t[ids.long()] >= 0).all())  # never freed KV
-                    sim.admit(row, seq, prefix, b, log_beta=None)
-                else:
-                    sim.admit(row, None, 0, b, log_beta=None)
-            elif op == "decode" and running:
-                sim.step({r: 1 for r in running}, log_beta=None)
-            elif op == "chunk" and sim.lens[row]:
-                sim.step({row: b}, log_beta=None)
-            elif op in ("finish", "abort") and sim.lens[row]:
-                sim.finish(row, into_tree=op == "finish")
-            elif op == "checkpoint" and sim.lens[row]:
-                sim.checkpoint(row)
-            elif op == "evict_tree" and sim.sequences:
-                sim.evict_sequence(a % len(sim.sequences))
-        except Exception as e:  # a pool too small for the step: SGLang would retract
-            from sglang_evict.cache.head_slots import HeadSlotPoolFull
-
-            if not isinstance(e, HeadSlotPoolFull):
-                raise
+            _apply(sim, op, row, a, b)
+        except HeadSlotPoolFull:  # a pool too small for the step: SGLang would retract
+            pass
         cache.check_integrity(sim.req_to_token)
         # the cheap host-counter balance, and the same balance from the device's owners: every
         # live head-slot is a request's own or the tree's

@@ -139,12 +139,13 @@ def test_head_evict_targets():
         evict_refusals,
         evict_requests,
         evict_step,
+        faults,
         head_evict,
     )
 
     # every hook module registered by head_evict, and their targets under one name here
     assert set(head_evict.HOOKS) == {evict_refusals, evict_pool, evict_admission, evict_step,
-                                     evict_requests, evict_radix}
+                                     evict_requests, evict_radix, faults}
     h = SimpleNamespace(**{k: v for m in head_evict.HOOKS for k, v in vars(m).items()
                            if k.isupper()})
     assert _params(h.DERIVE_SIZES) == ["self", "config"]
@@ -153,6 +154,7 @@ def test_head_evict_targets():
     assert _params(h.ALLOC_FREE) == ["self", "free_index"]
     assert _params(h.ALLOC_CLEAR) == ["self"]
     assert _params(h.FORWARD)[:2] == ["self", "forward_batch"]
+    assert _params(h.ON_IDLE) == ["self"]
     # decode batches: the scheduler's host rows exist, and SGLang drops them outside extend
     assert _params(h.INIT_FORWARD_BATCH)[:2] == ["batch", "model_runner"]
     from sglang.srt.managers.schedule_batch import ScheduleBatch
@@ -167,6 +169,14 @@ def test_head_evict_targets():
     assert _params(h.VALIDATE_REQUEST) == ["self", "obj", "input_ids"]
     assert _params(h.PREPARE_EXTEND) == ["self"]
     assert _params(h.CHECK_ARGS) == ["self"]
+    # the fault boundary: a running request ends at its next result when `to_finish` is set
+    # (SGLang's own abort of a running request), with a FINISH_ABORT that carries a status
+    assert _params(h.PROCESS_RESULT)[:3] == ["self", "batch", "result"]
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT, Req
+
+    assert "if self.to_finish:" in inspect.getsource(Req.update_finish_state)
+    assert list(inspect.signature(FINISH_ABORT).parameters) == ["message", "status_code",
+                                                                "err_type"]
     # the radix tree: checkpoint moves the request's prefix into the tree and its lock there
     assert _params(h.CHECKPOINT)[:3] == ["self", "req", "up_to"]
     from sglang.srt.managers import scheduler as scheduler_module
