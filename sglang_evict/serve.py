@@ -261,13 +261,16 @@ def _server_args_of(argv: list[str]) -> SimpleNamespace:
 
 
 def with_default_gates(config: EvictConfig, model_path: str) -> EvictConfig:
-    """A retention policy on the default model without --evict-gates uses the trained gates
-    shipped in the package."""
+    """The default model without --evict-gates uses the trained gates shipped in the package
+    when the server's policy is a retention one, or when its clients may pick one
+    (`--evict-overrides clamp` or `any` on any eviction server: a request's retention policy
+    then finds its scores, at the cost of running the gates on every token)."""
     import dataclasses
 
     from sglang_evict import default_model
 
-    wants = config.policy is not None and config.policy.startswith("retention")
+    wants = config.policy is not None and (config.policy.startswith("retention")
+                                           or config.overrides != "none")
     if not wants or config.gates is not None or not DEFAULT_GATES.is_file():
         return config
     try:

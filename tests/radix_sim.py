@@ -30,7 +30,13 @@ class RadixSim(CacheSim):
             self.lens[row] = prefix
             self.matched[row] = seq
             self.protected[row] = prefix
-        return self.step({row: new_tokens}, log_beta=log_beta, extend=True)
+        try:
+            return self.step({row: new_tokens}, log_beta=log_beta, extend=True)
+        except Exception:  # not admitted (SGLang would have kept it waiting): no match either
+            self.lens[row] = 0
+            self.matched.pop(row, None)
+            self.protected.pop(row, None)
+            raise
 
     def finish(self, row: int, into_tree: bool = True):
         """SGLang's release_kv_cache: statistics handed over, then the checkpoint inserts the row

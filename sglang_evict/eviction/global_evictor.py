@@ -3,7 +3,14 @@
 Every running request's private entries (each scored by its own policy; a request with policy
 none is never reclaimed from) and every head-slot the radix tree holds (scored by the server's
 policy at its youngest holder's length; pinned while a policy-none request lists it) compete in
-one selection; the lowest utility leaves first, protected entries never."""
+one selection; the lowest utility leaves first, protected entries never.
+
+Policies score on their own ranges (streaming -(t - pos), random [0, 1), retention
+(t - pos) log beta, knorm -|k|), so raw scores would make the choice of policy a claim on the
+pool: the policy with the higher range is reclaimed from last. When entries of more than one
+policy compete, each policy's scores become their quantile among that policy's evictable
+entries (ties to the lower index, as before), so every policy loses the same share of what it
+could lose, and within a policy the ranking is its own. One policy alone ranks as before."""
 
 from __future__ import annotations
 
@@ -53,6 +60,10 @@ class GlobalEvictor:
             )
         tree_slots, tree_lh, tree_scores = self._tree_candidates()
         flat = torch.cat([scores.view(-1), tree_scores])
+        groups = self._policy_groups(ev_ids, scores.shape[1] * scores.shape[2],
+                                     tree_scores.numel())
+        if groups is not None:
+            flat = common_scale(flat, groups)
         live = int(private.sum()) + tree_slots.numel()
         evictable = int(torch.isfinite(flat).sum())  # -inf: no entry; +inf: protected
         take = min(deficit, evictable)
@@ -78,6 +89,22 @@ class GlobalEvictor:
         logger.info("sglang-evict: reclaimed %d head-slots across %d requests and the tree",
                     freed, R)
         return freed
+
+    def _policy_groups(self, ev_ids: torch.Tensor, per_row: int, n_tree: int):
+        """Each flat entry's policy (rows' entries, then the tree's, scored by the server's
+        policy) as a small int, or None when one policy scores them all."""
+        names = [e.config.policy.name for e in self.requests.evictors]
+        default = self.requests.default
+        known = names + ([default.config.policy.name] if default is not None else [])
+        ids = {n: i for i, n in enumerate(dict.fromkeys(known))}
+        row_group = torch.tensor([ids[n] for n in names] or [0], dtype=torch.long)[ev_ids]
+        parts = [row_group.repeat_interleave(per_row)]
+        if n_tree:
+            parts.append(torch.full((n_tree,), ids[default.config.policy.name], dtype=torch.long))
+        groups = torch.cat(parts).to(self.cache.device)
+        if groups.numel() == 0 or bool((groups == groups[0]).all()):
+            return None
+        return groups
 
     def _tree_candidates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tree's live head-slots (slots, layer*H + head, scores): the server's policy
@@ -123,3 +150,17 @@ class GlobalEvictor:
             return max(c.tree.live - c.tree.protected, 0)
         _, _, scores = self._tree_candidates()
         return int(torch.isfinite(scores).sum())
+
+
+def common_scale(flat: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Each group's finite scores replaced by their quantile (rank + 1/2) / n within the group,
+    ties to the lower index; +inf (protected) and -inf (no entry) stay."""
+    out = flat.clone()
+    finite = torch.isfinite(flat)
+    for g in torch.unique(groups[finite]).tolist():  # one pass per policy, not per request
+        idx = (finite & (groups == g)).nonzero()[:, 0]
+        order = torch.sort(flat[idx], stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=flat.device)
+        out[idx] = (rank.to(flat.dtype) + 0.5) / order.numel()
+    return out

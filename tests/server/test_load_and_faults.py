@@ -1,6 +1,7 @@
 """A bounded randomized load against a small pool with eviction and the radix cache on (CPU,
 default model): concurrent clients with shared prefixes, mixed lengths, client disconnects,
-malformed per-request overrides, token ids outside the vocabulary, and requests that hit a fault
+per-request policies of every kind (retention ones with the packaged gates of this streaming
+server), malformed overrides, token ids outside the vocabulary, and requests that hit a fault
 injected into the plugin's own code. Every request that is not aborted completes, malformed ones
 get 400 naming the problem, the faulty ones 500 naming the hook, nothing else gets a 5xx, the
 scheduler never dies (the cache's integrity check runs after every step); once the requests
@@ -78,8 +79,8 @@ def _client(server, seed: int, deadline: float) -> list[tuple[str, int, str]]:
     prefixes = [[rng.randrange(100, 20000) for _ in range(rng.randrange(20, 120))] for _ in range(3)]
     out = []
     while time.monotonic() < deadline:
-        kind = rng.choices(["normal", "abort", "bad_override", "bad_ids", "faulty"],
-                           [6, 2, 1, 1, 1])[0]
+        kind = rng.choices(["normal", "abort", "bad_override", "bad_ids", "faulty", "policy"],
+                           [5, 2, 1, 1, 1, 2])[0]
         ids = rng.choice(prefixes) + [rng.randrange(100, 20000) for _ in range(rng.randrange(1, 40))]
         params = {"temperature": 0, "max_new_tokens": rng.randrange(1, 48), "ignore_eos": True}
         if kind == "bad_override":
@@ -87,6 +88,11 @@ def _client(server, seed: int, deadline: float) -> list[tuple[str, int, str]]:
                                                                    {"policy": "lru"}])}
         if kind == "bad_ids":
             ids = ids[:5] + [10**9]
+        if kind == "policy":  # a valid choice of the client's (the packaged gates serve retention)
+            params["custom_params"] = {"sglang_evict": {
+                "policy": rng.choice(["streaming", "random", "knorm", "retention",
+                                      "retention-global"]),
+                "budget": rng.choice([4, 8, 12, 16])}}  # not the faulty one
         if kind == "faulty":
             params["custom_params"] = {"sglang_evict": {"budget": FAULTY_BUDGET}}
         body = {"input_ids": ids, "sampling_params": params}
@@ -113,10 +119,10 @@ def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
         results = [r for rs in pool.map(lambda i: _client(loaded_server, i, deadline),
                                         range(CLIENTS)) for r in rs]
     by_kind = {k: [r for r in results if r[0] == k] for k in ("normal", "abort", "bad_override",
-                                                               "bad_ids", "faulty")}
+                                                               "bad_ids", "faulty", "policy")}
     assert all(len(v) > 0 for v in by_kind.values()), {k: len(v) for k, v in by_kind.items()}
-    assert all(code == 200 for _, code, _ in by_kind["normal"]), [
-        r for r in by_kind["normal"] if r[1] != 200][:3]
+    served = by_kind["normal"] + by_kind["policy"]
+    assert all(code == 200 for _, code, _ in served), [r for r in served if r[1] != 200][:3]
     assert all(code == 400 for _, code, _ in by_kind["bad_override"])
     assert all(code == 400 and "custom_params.sglang_evict" in text
                for _, code, text in by_kind["bad_override"])
@@ -164,3 +170,36 @@ def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
     log = loaded_server.log_path.read_text(errors="replace")
     assert "head-slots are neither free" not in log and "memory leak" not in log.lower()
     assert loaded_server.proc.poll() is None
+
+
+def test_requests_of_different_policies_lose_equal_shares_under_pressure(loaded_server):
+    """The radix tree fills the pool with earlier prompts' surviving KV; then four requests with
+    equal budgets and equal lengths decode side by side, two with random scores and two with
+    retention-global (the packaged gates, on this streaming server), each step taking room from
+    the others and the tree. The global evictor ranks the policies on one scale (each loses the
+    same share of what it could lose), so the two pairs lose the same number of head-slots, not
+    all from the policy whose raw scores run lower."""
+    rng = random.Random(7)
+
+    def run(policy, n_prompt, new_tokens):
+        params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True,
+                  "custom_params": {"sglang_evict": {"policy": policy, "budget": 16}}}
+        body = {"input_ids": [rng.randrange(100, 20000) for _ in range(n_prompt)],
+                "sampling_params": params}
+        r = requests.post(loaded_server.url + "/generate", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["meta_info"]["sglang_evict"]
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: run("streaming", 100, 1), range(16)))
+        g = _drained(loaded_server)
+        assert g["sglang_evict:head_slots_free"] < POOL * 30 * 3 / 2, g  # the tree holds most
+        policies = ["random", "retention-global"] * 2
+        metas = list(pool.map(lambda p: run(p, 12, 120), policies))
+    assert {m["policy"]["policy"] for m in metas[0::2]} == {"random"}
+    assert {(m["policy"]["policy"], m["policy"]["mode"]) for m in metas[1::2]} == {
+        ("retention", "global")}
+    a = sum(m["reclaimed_head_slots"] for m in metas[0::2])
+    b = sum(m["reclaimed_head_slots"] for m in metas[1::2])
+    assert a + b > 0, metas  # the pool did run short while they held entries
+    assert abs(a - b) <= max(8, (a + b) // 10), (a, b)

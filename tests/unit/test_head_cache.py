@@ -220,3 +220,52 @@ def test_prefill_admission_counts_the_physical_pool(monkeypatch):
     assert adder._evict_tokens_left == 11 - 3
     adm.after_prefill_adder_init(rt, None, adder, num_mixed_decode_tokens=4)
     assert adder._evict_tokens_left == 11 - 4
+
+
+def _policy_evictor(policy: str, budget: int, buffer: int, sinks: int = 1):
+    from sglang_evict.eviction.evictor import Evictor, EvictorConfig
+    from sglang_evict.eviction.policies import make_policy
+
+    return Evictor(EvictorConfig(budget=budget, buffer=buffer,
+                                 policy=make_policy(policy, sinks=sinks)), L, H)
+
+
+@pytest.mark.parametrize("policies", [("streaming", "random"), ("random", "streaming"),
+                                      ("streaming", "retention"), ("knorm", "random")])
+def test_a_shortage_takes_equal_shares_from_requests_of_different_policies(policies):
+    """Two requests with equal budgets and equal lengths, each with its own policy, and a third
+    that needs room: the global evictor takes the same number of head-slots from each (its
+    scores on one scale), never all from the policy whose raw scores run lower."""
+    cache = _cache(22, budget=8, buffer=2, sinks=1)
+    sim = CacheSim(cache)
+    for row, policy in enumerate(policies):
+        cache.set_row_evictor(row, _policy_evictor(policy, budget=8, buffer=2))
+        sim.step({row: 10}, log_beta=None)
+    assert cache.pool.num_free == 2 * L * H
+    sim.step({2: 8}, log_beta=None)  # short by 6 tokens' head-slots
+    assert cache.reclaims == 1
+    taken = [cache.row_stats(r).reclaimed for r in (0, 1)]
+    assert sum(taken) == 6 * L * H
+    assert taken[0] == taken[1], (policies, taken)
+
+
+def test_one_policy_alone_ranks_by_its_raw_scores():
+    """Requests of one policy compete on their raw scores: with streaming, the older request's
+    entries (older positions) leave first."""
+    from sglang_evict.eviction.global_evictor import common_scale
+
+    cache = _cache(22, budget=8, buffer=2, sinks=1)
+    sim = CacheSim(cache)
+    sim.step({0: 10})
+    sim.step({1: 4})
+    sim.step({1: 1})
+    sim.step({1: 1})
+    before = [cache.row_stats(r).live for r in (0, 1)]
+    sim.step({2: 9})  # short: streaming takes the oldest positions wherever they are
+    taken = [cache.row_stats(r).reclaimed for r in (0, 1)]
+    assert taken[0] > taken[1] and before[0] > before[1]
+    # the common scale is each group's rank: order-preserving within a group, ties by index
+    flat = torch.tensor([3.0, -1.0, float("inf"), 3.0, 0.5, -float("inf"), 7.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    want = torch.tensor([0.5, 1 / 6, float("inf"), 5 / 6, 0.25, -float("inf"), 0.75])
+    assert torch.allclose(common_scale(flat, groups), want)

@@ -142,3 +142,12 @@ def test_shipped_default_gates_are_dbtrimkv_and_served_by_default(default_model_
         config, _ = serve.prepare_argv(["--evict-policy", policy, "--evict-budget", "64",
                                         "--disable-radix-cache"])
         assert config.gates == str(serve.DEFAULT_GATES)
+    # any eviction server whose clients may pick a policy has the gates a retention request
+    # needs; one whose operator takes no overrides (or that evicts nothing) does not load them
+    for policy, overrides, loaded in (("streaming", "clamp", True), ("random", "any", True),
+                                      ("streaming", "none", False)):
+        config, _ = serve.prepare_argv(["--evict-policy", policy, "--evict-budget", "64",
+                                        "--evict-overrides", overrides, "--disable-radix-cache"])
+        assert (config.gates == str(serve.DEFAULT_GATES)) is loaded, (policy, overrides)
+    config, _ = serve.prepare_argv(["--disable-radix-cache"])
+    assert config.gates is None
