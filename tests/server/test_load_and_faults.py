@@ -74,55 +74,30 @@ def _drained(server, seconds: float = 120) -> dict[str, float]:
         time.sleep(1)
 
 
-def _client(server, seed: int, deadline: float) -> list[tuple[str, int, str]]:
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(100, 20000) for _ in range(rng.randrange(20, 120))] for _ in range(3)]
-    out = []
-    while time.monotonic() < deadline:
-        kind = rng.choices(["normal", "abort", "bad_override", "bad_ids", "faulty", "policy"],
-                           [5, 2, 1, 1, 1, 2])[0]
-        ids = rng.choice(prefixes) + [rng.randrange(100, 20000) for _ in range(rng.randrange(1, 40))]
-        params = {"temperature": 0, "max_new_tokens": rng.randrange(1, 48), "ignore_eos": True}
-        if kind == "bad_override":
-            params["custom_params"] = {"sglang_evict": rng.choice([{"budget": 0}, {"bugdet": 8},
-                                                                   {"policy": "lru"}])}
-        if kind == "bad_ids":
-            ids = ids[:5] + [10**9]
-        if kind == "policy":  # a valid choice of the client's (the packaged gates serve retention)
-            params["custom_params"] = {"sglang_evict": {
-                "policy": rng.choice(["streaming", "random", "knorm", "retention",
-                                      "retention-global"]),
-                "budget": rng.choice([4, 8, 12, 16])}}  # not the faulty one
-        if kind == "faulty":
-            params["custom_params"] = {"sglang_evict": {"budget": FAULTY_BUDGET}}
-        body = {"input_ids": ids, "sampling_params": params}
-        try:
-            if kind == "abort":
-                body["stream"] = True
-                with requests.post(server.url + "/generate", json=body, stream=True,
-                                   timeout=300) as r:
-                    for n, _ in enumerate(r.iter_lines()):
-                        if n >= rng.randrange(1, 4):
-                            break
-                    out.append((kind, r.status_code, ""))
-                continue
-            r = requests.post(server.url + "/generate", json=body, timeout=300)
-            out.append((kind, r.status_code, r.text[:300]))
-        except requests.RequestException as e:  # the server dropped a connection: a failure
-            out.append((kind, -1, repr(e)))
-    return out
+def _soak():
+    """bench/soak.py: the load's requests and its contract, shared with the long soak."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+    spec = importlib.util.spec_from_file_location("bench_soak", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
-    deadline = time.monotonic() + SECONDS
-    with cf.ThreadPoolExecutor(CLIENTS) as pool:
-        results = [r for rs in pool.map(lambda i: _client(loaded_server, i, deadline),
-                                        range(CLIENTS)) for r in rs]
-    by_kind = {k: [r for r in results if r[0] == k] for k in ("normal", "abort", "bad_override",
-                                                               "bad_ids", "faulty", "policy")}
+    soak = _soak()
+    kinds = dict(soak.KINDS, faulty=1)
+    # this server's operator clamps: `policy none` is not the clients' to pick
+    policies = tuple(p for p in soak.POLICIES if p != "none")
+    results = soak.run_load(loaded_server.url, SECONDS, CLIENTS, kinds=kinds,
+                            fault={"budget": FAULTY_BUDGET}, policies=policies)
+    by_kind = {k: [r[:2] + r[3:] for r in results if r[0] == k] for k in kinds}
     assert all(len(v) > 0 for v in by_kind.values()), {k: len(v) for k, v in by_kind.items()}
-    served = by_kind["normal"] + by_kind["policy"]
-    assert all(code == 200 for _, code, _ in served), [r for r in served if r[1] != 200][:3]
+    # every answer as the contract says: 200 with the length asked for, 400 for the malformed,
+    # 500 naming the hook for the faulty; nothing else
+    assert soak.failures(results) == []
     assert all(code == 400 for _, code, _ in by_kind["bad_override"])
     assert all(code == 400 and "custom_params.sglang_evict" in text
                for _, code, text in by_kind["bad_override"])
@@ -131,7 +106,6 @@ def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
     # an exception in a hook ends its request with a 500 naming it; the others above completed
     assert all(code == 500 and "internal error in the request's eviction settings" in text
                for _, code, text in by_kind["faulty"]), by_kind["faulty"][:3]
-    assert not any(code >= 500 or code < 0 for kind, code, _ in results if kind != "faulty")
     # every running request fits its budget in the pool (serve sized it): eviction and reclaim
     # always make room, SGLang never had to retract
     log = loaded_server.log_path.read_text(errors="replace")

@@ -482,3 +482,40 @@ def test_the_committed_v2_run_resumes_with_its_config():
     assert config.answer_only and not config.hard_eviction and config.capacity_scope == "global"
     assert (config.kl_weight, config.ce_weight, config.capacity_weight) == (0.5, 0.5, 1.0)
     assert {"optimizer", "scheduler", "rng", "gates", "cursor"} <= set(state)
+
+
+def test_sigterm_stops_a_cli_run_at_a_step_boundary_with_nothing_lost(tiny_model_dir, tmp_path):
+    """`kill PID` on a running `sglang-evict train` (as a scheduler or a session's end sends
+    it): the step under way finishes, the whole state is saved, and every logged step is in the
+    checkpoint, so `--resume` goes on from there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config_file = tmp_path / "train.toml"
+    run = tmp_path / "run"
+    config_file.write_text(
+        f'model = "{tiny_model_dir}"\nout_dir = "{run}"\n'
+        f"lengths = [{LENGTH}]\ntasks = [\"essay\"]\nbudget = 8\ngate_hidden = 16\n"
+        "bias_init = 3.0\nlr = 0.05\nwarmup_steps = 0\nprogress = false\ncheckpoint_every = 1000\n"
+        "loss_chunk = 64\nattn_chunk = 64\ndtype = \"fp32\"\n"
+    )
+    cmd = [sys.executable, "-m", "sglang_evict.cli", "train", "--config", str(config_file),
+           "--steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no training steps logged"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    assert '"status": "interrupted"' in out
+    logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    state = torch.load(run / tr.CHECKPOINT_FILE, weights_only=False)
+    assert state["step"] == logged[-1] >= 3 and logged == list(range(1, logged[-1] + 1))
+    resumed = tr.Trainer(tr.load_config(config_file, {"steps": state["step"] + 1}), resume=True)
+    assert resumed.step == state["step"]
