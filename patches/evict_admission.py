@@ -12,11 +12,15 @@
   never fit the physical pool is refused with HTTP 400 naming the limit, instead of waiting
   forever (the pool SGLang checks against is the virtual one, `--evict-oversubscribe` times
   larger).
+
+A fault in these hooks (faults.py) refuses the waiting request it concerns with HTTP 500, or,
+where it concerns no one request, falls back to counting nothing as reclaimable: SGLang then
+waits or retracts instead of outgrowing the pool, and the scheduler goes on.
 """
 
 from __future__ import annotations
 
-from sglang_evict.patches import evict_step
+from sglang_evict.patches import evict_step, faults
 from sglang_evict.patches.runtime import bind
 
 ALLOC_FREE = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free"
@@ -33,15 +37,23 @@ VALIDATE_INPUT = "sglang.srt.managers.scheduler.validate_input_length"
 def around_alloc_free(rt, original, allocator, free_index, *args, **kwargs):
     state = rt.cache
     if state is not None and allocator.free_group is None and free_index.numel():
-        state.free(free_index)
+        try:
+            state.free(free_index)
+        except Exception as exc:  # noqa: BLE001 - SGLang's free must go on
+            faults.degraded(rt, "freeing head-slots", exc, "their virtual ids are freed; "
+                            "/metrics head_slots_unaccounted shows what stayed held")
     return original(allocator, free_index, *args, **kwargs)
 
 
 def after_alloc_clear(rt, result, allocator, *args, **kwargs):
     state = rt.cache
     if state is not None:
-        state.reset()
-        evict_step.publish_metrics(rt)
+        try:
+            state.reset()
+            evict_step.publish_metrics(rt)
+        except Exception as exc:  # noqa: BLE001
+            faults.degraded(rt, "resetting the head-slot pool", exc,
+                            "/metrics head_slots_unaccounted shows what stayed held")
     return result
 
 
@@ -52,13 +64,19 @@ def around_decode_capacity(rt, original, allocator, *args, **kwargs):
         return ok
     requests = kwargs.get("requests")
     n = len(requests) if requests is not None else kwargs.get("num_tokens", 0)
-    return physical_tokens_available(state) >= n
+    return physical_tokens_available(rt, state) >= n
 
 
-def physical_tokens_available(state) -> int:
+def physical_tokens_available(rt, state) -> int:
     """Whole tokens (all L*H head-slots each) that fit the physical pool now, counting what
-    reclaim can free (a lower bound of it)."""
-    return (state.pool.num_free + state.reclaimable()) // state.heads_per_token
+    reclaim can free (a lower bound of it; nothing, if judging it fails)."""
+    try:
+        reclaimable = state.reclaimable()
+    except Exception as exc:  # noqa: BLE001 - 0 is always a lower bound
+        faults.degraded(rt, "counting reclaimable head-slots", exc,
+                        "counting none: admission waits and decoding retracts sooner")
+        reclaimable = 0
+    return (state.pool.num_free + reclaimable) // state.heads_per_token
 
 
 def after_prefill_adder_init(rt, result, adder, *args, **kwargs):
@@ -67,7 +85,7 @@ def after_prefill_adder_init(rt, result, adder, *args, **kwargs):
     state = rt.cache
     if state is not None:
         mixed = _mixed_decode_tokens(args, kwargs)
-        adder._evict_tokens_left = physical_tokens_available(state) - mixed
+        adder._evict_tokens_left = physical_tokens_available(rt, state) - mixed
     return result
 
 
@@ -90,7 +108,10 @@ def _next_chunk(adder, req) -> int:
     return want
 
 
-def _admit(original, adder, req, refused, *args, **kwargs):
+ADMISSION = "the prefill admission"
+
+
+def _admit(rt, original, adder, req, refused, *args, **kwargs):
     # SGLang admits prefills against its oversubscribed virtual pool; the new tokens need real
     # head-slots. A request whose next chunk does not fit what the physical pool can give (free
     # plus reclaimable) waits for a later round, whole: SGLang's own chunking is left alone
@@ -98,24 +119,37 @@ def _admit(original, adder, req, refused, *args, **kwargs):
     left = getattr(adder, "_evict_tokens_left", None)
     if left is None:
         return original(adder, req, *args, **kwargs)
-    if _next_chunk(adder, req) > left:
+    try:
+        want = _next_chunk(adder, req)
+    except Exception as exc:  # noqa: BLE001 - the boundary: this request alone
+        if getattr(req, "to_finish", None) is None:
+            faults.count(rt, ADMISSION)
+            faults.refuse(req, ADMISSION, exc)
+            return refused
+        want = 1  # a request refused already: SGLang runs its one token and ends it
+    if want > left:
         return refused
     before = getattr(req, "extend_end", None)
     result = original(adder, req, *args, **kwargs)
-    if getattr(req, "extend_end", None) != before or req in adder.can_run_list:
-        adder._evict_tokens_left = left - (req.extend_end - req.prefix_len)
+    try:
+        if getattr(req, "extend_end", None) != before or req in adder.can_run_list:
+            adder._evict_tokens_left = left - (req.extend_end - req.prefix_len)
+    except Exception as exc:  # noqa: BLE001 - admitted by SGLang: ended after its chunk
+        faults.count(rt, ADMISSION)
+        faults.abort(req, ADMISSION, exc)
+        adder._evict_tokens_left = left - want
     return result
 
 
-def around_add_one_req(original, adder, req, *args, **kwargs):
+def around_add_one_req(rt, original, adder, req, *args, **kwargs):
     from sglang.srt.managers.schedule_policy import AddReqResult
 
-    return _admit(original, adder, req, AddReqResult.NO_TOKEN, *args, **kwargs)
+    return _admit(rt, original, adder, req, AddReqResult.NO_TOKEN, *args, **kwargs)
 
 
-def around_add_chunked_req(original, adder, req, *args, **kwargs):
+def around_add_chunked_req(rt, original, adder, req, *args, **kwargs):
     # returning the request unchanged = not continued this round (SGLang's own parked path)
-    return _admit(original, adder, req, req, *args, **kwargs)
+    return _admit(rt, original, adder, req, req, *args, **kwargs)
 
 
 def never_fits(cfg, prompt_len: int, pool: int, chunk: int) -> str | None:
@@ -136,10 +170,22 @@ def never_fits(cfg, prompt_len: int, pool: int, chunk: int) -> str | None:
             f"physical pool holds ({pool} tokens at full size)")
 
 
+LENGTH_CHECK = "the admission's length check"
+
+
 def around_validate_input_length(rt, original, req, *args, **kwargs):
     error = original(req, *args, **kwargs)
     if error is not None or rt.cache is None or rt.physical_tokens is None:
         return error
+    try:
+        return _length_error(rt, req)
+    except Exception as exc:  # noqa: BLE001 - the boundary: this request alone
+        faults.count(rt, LENGTH_CHECK)
+        faults.refuse(req, LENGTH_CHECK, exc)
+        return None
+
+
+def _length_error(rt, req) -> str | None:
     from sglang_evict.patches.evict_requests import request_config
 
     try:
@@ -156,5 +202,5 @@ def register(registry, hook_type, rt) -> None:
     registry.register(DECODE_CAPACITY, bind(rt, around_decode_capacity), hook_type.AROUND)
     registry.register(PREFILL_ADDER, bind(rt, after_prefill_adder_init), hook_type.AFTER)
     registry.register(VALIDATE_INPUT, bind(rt, around_validate_input_length), hook_type.AROUND)
-    registry.register(ADD_ONE_REQ, around_add_one_req, hook_type.AROUND)
-    registry.register(ADD_CHUNKED_REQ, around_add_chunked_req, hook_type.AROUND)
+    registry.register(ADD_ONE_REQ, bind(rt, around_add_one_req), hook_type.AROUND)
+    registry.register(ADD_CHUNKED_REQ, bind(rt, around_add_chunked_req), hook_type.AROUND)

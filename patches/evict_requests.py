@@ -129,7 +129,8 @@ def after_prepare_for_extend(rt, result, batch, *args, **kwargs):
     if state is None:
         return result
     for req in batch.reqs:
-        faults.for_request("the request's eviction settings", req, _set_evictor, rt, state, req)
+        faults.for_request(rt, "the request's eviction settings", req, _set_evictor, rt, state,
+                           req)
     return result
 
 

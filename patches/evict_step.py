@@ -79,7 +79,7 @@ def publish_metrics(rt) -> None:
     if metrics is not None:
         gates = rt.gates
         gated = gates.gated_prompt_token_layers / gates.num_layers if gates is not None else 0.0
-        metrics.update(state, gated)
+        metrics.update(state, gated, rt.fault_counts)
 
 
 def _metrics(rt):

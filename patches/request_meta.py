@@ -47,8 +47,8 @@ def before_release_kv_cache(rt, req, tree_cache, *args, **kwargs):
         return None
     faults.forget_row(rt, row)
     # SGLang's release goes on whatever happens here: its free hook returns the memory.
-    faults.for_request("the request's statistics at release", req, _take_stats, rt, req, row,
-                       tree_cache)
+    faults.for_request(rt, "the request's statistics at release", req, _take_stats, rt, req,
+                       row, tree_cache)
     return None
 
 

@@ -33,6 +33,7 @@ class Runtime:
         self.published = None  # the pool's state the gauges last showed (evict_step)
         # Rows whose requests a fault in a batch step ends at their next result (faults.py).
         self.faulted_rows: dict[int, tuple] = {}
+        self.fault_counts: dict[str, int] = {}  # hook -> faults so far (faults.count)
 
     @property
     def config(self) -> EvictConfig:

@@ -18,6 +18,8 @@ counters only: no device read.
     sglang_evict:gated_prompt_tokens_total                      counter: prompt tokens whose
                                                                  retention gates ran (per
                                                                  layer, averaged over layers)
+    sglang_evict:hook_faults_total{hook}                        counter: exceptions the fault
+                                                                 boundary caught in a hook
 """
 
 from __future__ import annotations
@@ -54,10 +56,16 @@ class EvictMetrics:
                                    "Prompt tokens matched in the radix cache.", labelnames=names)
         self.gated = Counter(PREFIX + "gated_prompt_tokens",
                              "Prompt tokens whose retention gates ran.", labelnames=names)
+        self.hook_faults = Counter(PREFIX + "hook_faults",
+                                   "Exceptions caught in the plugin's hooks (the requests they "
+                                   "concerned ended with an error).",
+                                   labelnames=names + ["hook"])
         self._seen = (0, 0, 0, 0.0)
+        self._faults_seen: dict[str, int] = {}
         self.capacity.labels(**labels).set(cache.capacity)
 
-    def update(self, cache, gated_prompt_tokens: float = 0.0) -> None:
+    def update(self, cache, gated_prompt_tokens: float = 0.0,
+               fault_counts: dict[str, int] | None = None) -> None:
         lab = self.labels
         free = cache.pool.num_free
         self.free.labels(**lab).set(free)
@@ -70,6 +78,10 @@ class EvictMetrics:
             if now > before:
                 counter.labels(**lab).inc(now - before)
         self._seen = totals
+        for hook, n in (fault_counts or {}).items():
+            if n > self._faults_seen.get(hook, 0):
+                self.hook_faults.labels(**lab, hook=hook).inc(n - self._faults_seen.get(hook, 0))
+                self._faults_seen[hook] = n
         per_layer = cache.live_per_layer()
         total = float(per_layer.sum())
         for layer, n in enumerate(per_layer.tolist()):

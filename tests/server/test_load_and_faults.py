@@ -24,10 +24,13 @@ CLIENTS = 32
 SECONDS = 150
 POOL = 256
 FAULTY_BUDGET = 13
+FAULTY_ADMISSION_BUDGET = 14
 # Every process of the server imports this first (sitecustomize): building the evictor of a
-# budget-13 override raises, as a bug in the plugin's own code would.
+# budget-13 override raises, as a bug in the plugin's own code would, and so does the length
+# check at admission of a budget-14 override.
 INJECT_FAULT = f"""
 from sglang_evict.eviction import evictor as _evictor
+from sglang_evict.patches import evict_admission as _admission
 
 _real_init = _evictor.Evictor.__init__
 
@@ -39,6 +42,16 @@ def _faulty_init(self, config, *args, **kwargs):
 
 
 _evictor.Evictor.__init__ = _faulty_init
+_real_never_fits = _admission.never_fits
+
+
+def _faulty_never_fits(cfg, *args):
+    if cfg.budget == {FAULTY_ADMISSION_BUDGET}:
+        raise RuntimeError("injected fault")
+    return _real_never_fits(cfg, *args)
+
+
+_admission.never_fits = _faulty_never_fits
 """
 
 
@@ -106,6 +119,17 @@ def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):
     # an exception in a hook ends its request with a 500 naming it; the others above completed
     assert all(code == 500 and "internal error in the request's eviction settings" in text
                for _, code, text in by_kind["faulty"]), by_kind["faulty"][:3]
+    # a fault at admission (the length check) refuses that request alone, before it runs
+    faulty = {"input_ids": list(range(100, 140)), "sampling_params": {
+        "max_new_tokens": 4, "custom_params": {"sglang_evict": {
+            "budget": FAULTY_ADMISSION_BUDGET}}}}
+    r = requests.post(loaded_server.url + "/generate", json=faulty, timeout=600)
+    assert r.status_code == 500 and "internal error in the admission's length check" in r.text
+    r = requests.post(loaded_server.url + "/generate", timeout=600, json=dict(
+        faulty, sampling_params={"max_new_tokens": 4}))
+    assert r.status_code == 200
+    assert 'hook="the admission\'s length check"' in requests.get(
+        loaded_server.url + "/metrics", timeout=30).text
     # every running request fits its budget in the pool (serve sized it): eviction and reclaim
     # always make room, SGLang never had to retract
     log = loaded_server.log_path.read_text(errors="replace")

@@ -118,3 +118,129 @@ def test_an_abort_already_on_its_way_is_kept():
     assert req.to_finish is earlier
     long = faults.message("x", RuntimeError("y" * 1000))
     assert len(long) < 400 and long.endswith("...)")
+
+
+# --- admission: the waiting request a fault concerns is refused; the rest falls back safely ---
+
+
+@pytest.fixture
+def scheduler_rank():
+    """This process as the scheduler of rank 0 (SGLang's Req reads its rank when it aborts)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(tp_rank=0):
+        yield
+
+
+def _waiting(rid: str, n: int):
+    """A queued SGLang request of `n` prompt tokens (the real Req: its abort is SGLang's own)."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req(rid, "", list(range(1, n + 1)), SamplingParams(max_new_tokens=4))
+    req.full_untruncated_fill_ids = list(req.origin_input_ids)
+    req.prefix_len = 0
+    return req
+
+
+def _refused_with(req, where: str) -> bool:
+    reason = req.to_finish.to_json()
+    return (reason["status_code"] == HTTPStatus.INTERNAL_SERVER_ERROR
+            and f"sglang-evict: internal error in {where}" in reason["message"]
+            and "injected fault" in reason["message"]
+            and list(req.origin_input_ids) == [0])  # SGLang runs it as one token, then ends it
+
+
+def test_a_fault_in_the_length_check_refuses_that_request_alone(monkeypatch, scheduler_rank):
+    from sglang_evict.patches import evict_admission as adm
+
+    rt = _runtime()
+    rt.physical_tokens = 64
+    real = adm.never_fits
+    monkeypatch.setattr(adm, "never_fits", lambda cfg, n, *a: (
+        (_ for _ in ()).throw(RuntimeError("injected fault")) if n == 5 else real(cfg, n, *a)))
+    sglang_check = lambda req, *a: None  # noqa: E731 - SGLang's own check passes both
+    bad, good, long = _waiting("bad", 5), _waiting("good", 3), _waiting("long", 80)
+    assert adm.around_validate_input_length(rt, sglang_check, bad, 1000, False) is None
+    assert _refused_with(bad, adm.LENGTH_CHECK)
+    assert adm.around_validate_input_length(rt, sglang_check, good, 1000, False) is None
+    assert good.to_finish is None
+    # the check itself still refuses what can never fit (policy none on this pool: 80 + 1 > 64)
+    long.sampling_params.custom_params = {"sglang_evict": {"policy": "none"}}
+    assert "more than the physical pool holds" in adm.around_validate_input_length(
+        rt, sglang_check, long, 1000, False)
+    assert rt.fault_counts == {adm.LENGTH_CHECK: 1}
+
+
+def test_a_fault_in_prefill_admission_refuses_that_request_and_the_round_goes_on(monkeypatch,
+                                                                                scheduler_rank):
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    from sglang_evict.patches import evict_admission as adm
+
+    rt = _runtime()
+    adder = SimpleNamespace(rem_chunk_tokens=12, can_run_list=[], _evict_tokens_left=20)
+
+    def admit(adder, req, *args):  # SGLang's admission: the next chunk, at most one chunk
+        want = len(req.full_untruncated_fill_ids) - req.prefix_len
+        req.extend_end = req.prefix_len + min(want, adder.rem_chunk_tokens)
+        adder.can_run_list.append(req)
+        return AddReqResult.CONTINUE
+
+    bad, good = _waiting("bad", 6), _waiting("good", 5)
+    real = adm._next_chunk
+    monkeypatch.setattr(adm, "_next_chunk", lambda adder, req: (
+        (_ for _ in ()).throw(RuntimeError("injected fault")) if req is bad else real(adder, req)))
+    assert adm.around_add_one_req(rt, admit, adder, bad, False, None) == AddReqResult.NO_TOKEN
+    assert _refused_with(bad, adm.ADMISSION) and bad not in adder.can_run_list
+    assert adder._evict_tokens_left == 20  # nothing charged for it
+    # the next round: the others are admitted as before; the refused one runs its one token
+    assert adm.around_add_one_req(rt, admit, adder, good, False, None) == AddReqResult.CONTINUE
+    assert adder._evict_tokens_left == 15
+    bad.full_untruncated_fill_ids = list(bad.origin_input_ids)  # SGLang's next round: [0]
+    assert adm.around_add_one_req(rt, admit, adder, bad, False, None) == AddReqResult.CONTINUE
+    assert adder._evict_tokens_left == 14
+    assert rt.fault_counts == {adm.ADMISSION: 1}  # counted once: the second pass is the abort
+
+
+def test_a_fault_judging_reclaimable_counts_nothing_reclaimable(monkeypatch, caplog):
+    """Admission and decode capacity fall back to the free head-slots alone: SGLang waits or
+    retracts instead of outgrowing the pool, and the fault is logged without a line per step."""
+    from sglang_evict.patches import evict_admission as adm
+
+    rt = _runtime()
+    rt.cache = make_cache(20, L, H, D, budget=4, buffer=6, sinks=1)
+    CacheSim(rt.cache).step({0: 9})
+    cache = rt.cache
+    free_tokens = cache.pool.num_free // (L * H)
+    assert free_tokens == 11 and cache.reclaimable() > 0  # 18 whole tokens with reclaim
+    monkeypatch.setattr(cache, "reclaimable",
+                        lambda: (_ for _ in ()).throw(IndexError("injected fault")))
+    adder = SimpleNamespace()
+    adm.after_prefill_adder_init(rt, None, adder)
+    assert adder._evict_tokens_left == free_tokens
+    allocator = SimpleNamespace()
+    sglang_says = lambda allocator, **kw: True  # noqa: E731 - the virtual pool has room
+    assert adm.around_decode_capacity(rt, sglang_says, allocator, num_tokens=free_tokens)
+    assert not adm.around_decode_capacity(rt, sglang_says, allocator, num_tokens=free_tokens + 1)
+    for _ in range(2):
+        adm.after_prefill_adder_init(rt, None, SimpleNamespace())
+    where = "counting reclaimable head-slots"
+    assert rt.fault_counts == {where: 5}
+    logged = [r for r in caplog.records if where in r.getMessage()]
+    assert len(logged) == 3 and all(r.exc_info for r in logged)  # the 1st, 2nd and 4th
+
+
+def test_a_fault_freeing_head_slots_still_frees_the_virtual_ids(monkeypatch):
+    import torch
+
+    from sglang_evict.patches import evict_admission as adm
+
+    rt = _runtime()
+    monkeypatch.setattr(rt.cache, "free",
+                        lambda ids: (_ for _ in ()).throw(RuntimeError("injected fault")))
+    freed = []
+    sglang_free = lambda allocator, ids: freed.append(ids.tolist())  # noqa: E731
+    allocator = SimpleNamespace(free_group=None)
+    adm.around_alloc_free(rt, sglang_free, allocator, torch.tensor([3, 4]))
+    assert freed == [[3, 4]] and rt.fault_counts == {"freeing head-slots": 1}

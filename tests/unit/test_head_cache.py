@@ -194,19 +194,19 @@ def test_prefill_admission_counts_the_physical_pool(monkeypatch):
     def req(n, prefix=0):
         return SimpleNamespace(full_untruncated_fill_ids=list(range(n)), prefix_len=prefix)
 
-    assert adm.around_add_one_req(admit, adder, req(10), False, None) == AddReqResult.CONTINUE
+    assert adm.around_add_one_req(rt, admit, adder, req(10), False, None) == AddReqResult.CONTINUE
     assert adder._evict_tokens_left == 8
     big = req(10)
-    assert adm.around_add_one_req(admit, adder, big, False, None) == AddReqResult.NO_TOKEN
+    assert adm.around_add_one_req(rt, admit, adder, big, False, None) == AddReqResult.NO_TOKEN
     assert big not in adder.can_run_list  # refused whole, never truncated to fit
     # a long prompt is admitted by its first chunk, continued only when the next chunk fits
     adder = SimpleNamespace(rem_chunk_tokens=12, can_run_list=[])
     adm.after_prefill_adder_init(rt, None, adder)
     long = req(40)
-    adm.around_add_one_req(admit, adder, long, False, None)
+    adm.around_add_one_req(rt, admit, adder, long, False, None)
     assert long.extend_end == 12 and adder._evict_tokens_left == 6
     long.prefix_len = 12
-    assert adm.around_add_chunked_req(admit, adder, long) is long  # parked for a later round
+    assert adm.around_add_chunked_req(rt, admit, adder, long) is long  # parked for a later round
     assert long.extend_end == 12
     # a request that may never be reclaimed from (policy none) leaves only what is free
     cache.set_row_evictor(0, None)
