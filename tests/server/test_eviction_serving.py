@@ -22,15 +22,6 @@ TRIGGER = LAYERS * KV_HEADS * (BUDGET + BUFFER)
 
 
 @pytest.fixture(scope="module")
-def none_server():
-    from sglang_evict.server_process import ServerProcess
-
-    args = ["--evict-policy", "none", "--disable-radix-cache", "--max-total-tokens", "4096"]
-    with ServerProcess(args) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def evict_server(test_gates_path):
     from sglang_evict.server_process import ServerProcess
 
@@ -86,13 +77,15 @@ PROMPTS = [
 ]
 
 
-def test_policy_none_equals_vanilla(server, none_server, hf_model):
-    """The head-slot backend without eviction gives vanilla SGLang's greedy tokens."""
+def test_policy_none_equals_vanilla(server, evict_server, hf_model):
+    """The head-slot backend without eviction (a request that opts out, policy none, with the
+    radix cache off) gives vanilla SGLang's greedy tokens."""
     _, tokenizer = hf_model
     for text in PROMPTS:
         ids = tokenizer(text)["input_ids"]
         vanilla = generate(server, ids, 24)
-        ours = generate(none_server, ids, 24)
+        ours = generate(evict_server, ids, 24,
+                        custom_params={"sglang_evict": {"policy": "none"}})
         assert ours["output_ids"] == vanilla["output_ids"], text
         meta = _evict_meta(ours)
         n = len(ids) + len(ours["output_ids"]) - 1  # the last sampled token has no KV yet
@@ -132,7 +125,7 @@ def test_generation_4x_the_pool_completes_only_with_eviction(
     # answers, the answer is an error or an abort, never the full generation.
     log_before = small_vanilla_server.log_path.read_text(errors="replace")
     try:
-        r = _long_generate(small_vanilla_server, ids, n, timeout=90)
+        r = _long_generate(small_vanilla_server, ids, n, timeout=30)
     except requests.exceptions.ReadTimeout:
         log = small_vanilla_server.log_path.read_text(errors="replace")[len(log_before):]
         assert "Prefill batch" not in log and "Decode batch" not in log

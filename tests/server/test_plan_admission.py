@@ -12,12 +12,11 @@ import requests
 pytestmark = pytest.mark.server
 
 POOL, CONTEXT, OUTPUT, BUDGET, BUFFER = 2048, 500, 8, 32, 8
-REQUESTS = 40
 
 
-def _most_running(server) -> int:
-    """Run REQUESTS distinct prompts (nothing to share in the prefix cache) at once; the most
-    requests SGLang's scheduler had running in one decode batch."""
+def _most_running(server, requests_sent: int) -> int:
+    """Run `requests_sent` distinct prompts (nothing to share in the prefix cache) at once; the
+    most requests SGLang's scheduler had running in one decode batch."""
     def one(i):
         ids = [100 + (i * 131 + j * 7) % 20000 for j in range(CONTEXT)]
         r = requests.post(server.url + "/generate", json={
@@ -27,8 +26,8 @@ def _most_running(server) -> int:
         r.raise_for_status()
         return r.json()["meta_info"]["completion_tokens"]
 
-    with cf.ThreadPoolExecutor(REQUESTS) as pool:
-        assert list(pool.map(one, range(REQUESTS))) == [OUTPUT] * REQUESTS
+    with cf.ThreadPoolExecutor(requests_sent) as pool:
+        assert list(pool.map(one, range(requests_sent))) == [OUTPUT] * requests_sent
     log = server.log_path.read_text(errors="replace")
     return max(int(n) for n in re.findall(r"Decode batch.*?#running-req: (\d+)", log))
 
@@ -47,15 +46,17 @@ def test_plan_predicts_what_the_server_admits(predicted):
     from sglang_evict.server_process import ServerProcess
 
     common = ["--max-total-tokens", str(POOL), "--decode-log-interval", "1"]
-    with ServerProcess(common) as vanilla:
-        seen_vanilla = _most_running(vanilla)
-    with ServerProcess(common + ["--evict-policy", "retention-global", "--evict-budget",
-                                 str(BUDGET), "--evict-buffer", str(BUFFER)]) as evicting:
-        seen_evicting = _most_running(evicting)
     # independent arithmetic: whole requests per pool; with eviction, M + B + 1 tokens' worth
     # each beside a prefill chunk of half the pool (fewer than the virtual ids would allow)
     assert predicted.vanilla == POOL // (CONTEXT + OUTPUT)
     assert predicted.at_budget == (POOL - POOL // 2) // (BUDGET + BUFFER + 1)
+    # each server gets more requests than the plan says fit (vanilla 3x, with eviction 8 more),
+    # so a higher limit would show
+    with ServerProcess(common) as vanilla:
+        seen_vanilla = _most_running(vanilla, 3 * predicted.vanilla)
+    with ServerProcess(common + ["--evict-policy", "retention-global", "--evict-budget",
+                                 str(BUDGET), "--evict-buffer", str(BUFFER)]) as evicting:
+        seen_evicting = _most_running(evicting, predicted.at_budget + 8)
     assert predicted.at_budget < POOL * 8 // (CONTEXT + OUTPUT)
     assert (seen_vanilla, seen_evicting) == (predicted.vanilla, predicted.at_budget)
     assert seen_evicting >= 5 * seen_vanilla
