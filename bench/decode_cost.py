@@ -5,19 +5,19 @@ in turn, in one run on one machine; the client notes when each token arrives and
 ms/token per window of W tokens. With eviction the live KV is bounded by the budget, so the
 windows should stay flat; vanilla SGLang's attention reads the whole context, so its windows grow.
 
-    .venv/bin/python -P bench/decode_cost.py --new-tokens 2000 --out bench/results/decode_cost.json
+    .venv/bin/python bench/decode_cost.py --new-tokens 2000 --out bench/results/decode_cost.json
 
 Batch (--batches 1,4,8,16): B requests with C-token prompts (--context) decode together; the step
 time is measured once every request of the batch is decoding (from the last first token on).
 
-    .venv/bin/python -P bench/decode_cost.py --batches 1,4,8,16 --context 2048 \
+    .venv/bin/python bench/decode_cost.py --batches 1,4,8,16 --context 2048 \
         --out bench/results/batch_scaling.json
 
 Servers: vanilla (SGLang's torch_native backend, full cache), then the sglang_evict backend with
 each --policies entry at --budget (retention uses the default model's packaged gates); with
 --schedulers overlap,sync each runs with SGLang's overlap scheduler and without it.
 
-    .venv/bin/python -P bench/decode_cost.py --batches 8 --context 1024 --new-tokens 96 \
+    .venv/bin/python bench/decode_cost.py --batches 8 --context 1024 --new-tokens 96 \
         --policies streaming --schedulers overlap,sync --out bench/results/overlap.json
 """
 
@@ -25,30 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import requests
+import client
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and the ships she guides."
 
 
 def token_times(server, new_tokens: int) -> list[tuple[int, float]]:
     """(tokens generated so far, seconds since the request was sent) per streamed chunk."""
-    t0 = time.perf_counter()
-    r = requests.post(server.url + "/generate", json={
-        "text": PROMPT,
-        "stream": True,
-        "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True},
-    }, stream=True, timeout=7200)
-    r.raise_for_status()
-    marks = []
-    for line in r.iter_lines():
-        if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
-            continue
-        meta = json.loads(line[5:])["meta_info"]
-        marks.append((int(meta["completion_tokens"]), time.perf_counter() - t0))
-    return marks
+    got = client.stream(server.url, PROMPT, new_tokens)
+    if got.status != 200:
+        raise RuntimeError(f"/generate answered {got.status}")
+    return [(n, t - got.sent) for n, t in got.marks]
 
 
 def batch_step_ms(server, batch: int, context: int, new_tokens: int) -> float:
@@ -57,18 +46,10 @@ def batch_step_ms(server, batch: int, context: int, new_tokens: int) -> float:
 
     def one(i):
         ids = [1000 + (7 * i + 13 * j) % 20000 for j in range(context)]  # distinct prompts
-        r = requests.post(server.url + "/generate", json={
-            "input_ids": ids, "stream": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
-                                "ignore_eos": True},
-        }, stream=True, timeout=7200)
-        r.raise_for_status()
-        marks = []
-        for line in r.iter_lines():
-            if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
-                meta = json.loads(line[5:])["meta_info"]
-                marks.append((int(meta["completion_tokens"]), time.perf_counter()))
-        return marks
+        got = client.stream(server.url, ids, new_tokens)
+        if got.status != 200:
+            raise RuntimeError(f"/generate answered {got.status}")
+        return got.marks
 
     with cf.ThreadPoolExecutor(batch) as ex:
         runs = list(ex.map(one, range(batch)))

@@ -1,7 +1,7 @@
 """Cost of computing and storing retention scores, measured side by side in one run.
 
-    .venv/bin/python -P bench/gate_overhead.py server   # two real servers, default model, CPU
-    .venv/bin/python -P bench/gate_overhead.py shapes   # gate + store at a 4B-class shape
+    .venv/bin/python bench/gate_overhead.py server   # two real servers, default model, CPU
+    .venv/bin/python bench/gate_overhead.py shapes   # gate + store at a 4B-class shape
 
 `server`: a vanilla server and a server with gates attached (eviction off) run at the same
 time; rounds alternate between them, so machine noise hits both alike. Decode time per token
@@ -24,22 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+import client
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _timed_generate(url: str, input_ids: list[int], n: int) -> float:
-    import requests
-
     start = time.perf_counter()
-    r = requests.post(
-        url + "/generate",
-        json={
-            "input_ids": input_ids,
-            "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True},
-        },
-        timeout=600,
-    )
-    r.raise_for_status()
+    client.generate(url, input_ids, n, timeout=600)
     return time.perf_counter() - start
 
 

@@ -9,7 +9,7 @@ over the whole run, p50/p99 request latency, prompt tokens served from the radix
 rate), p50/p99 time to first token and inter-token latency (requests are streamed), the largest
 number of requests running together (from the server log), retractions and failed requests.
 
-    .venv/bin/python -P bench/multi_turn.py --out bench/results/multi_turn.json
+    .venv/bin/python bench/multi_turn.py --out bench/results/multi_turn.json
 """
 
 from __future__ import annotations
@@ -19,40 +19,22 @@ import concurrent.futures as cf
 import json
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
+import client
 import requests
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ is not on it
-from server_plot import plot_servers  # noqa: E402
-from side_by_side import add_pair_arguments, pair_server_args, write_pair  # noqa: E402
+from server_plot import plot_servers
+from side_by_side import add_pair_arguments, pair_server_args, write_pair
 
 
-def _streamed(url: str, input_ids: list[int], new_tokens: int) -> dict | None:
-    """One streamed /generate: its output ids, meta_info and the arrival time of every chunk
-    (time.perf_counter), or None if it failed."""
-    body = {"input_ids": input_ids, "stream": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
-                                "ignore_eos": True}}
-    arrivals, last = [], None
+def _streamed(url: str, input_ids: list[int], new_tokens: int) -> client.Streamed | None:
+    """One streamed /generate, or None if it failed."""
     try:
-        with requests.post(url + "/generate", json=body, stream=True, timeout=3600) as r:
-            if r.status_code != 200:
-                return None
-            for line in r.iter_lines():
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if chunk.get("output_ids"):
-                    arrivals.append(time.perf_counter())
-                last = chunk
+        got = client.stream(url, input_ids, new_tokens, timeout=3600)
     except requests.RequestException:
         return None
-    if last is None or not arrivals:
-        return None
-    return {"output_ids": last["output_ids"], "meta_info": last["meta_info"],
-            "arrivals": arrivals}
+    return got if got.ok else None
 
 
 def session(url: str, seed: int, turns: int, user_tokens: int, new_tokens: int) -> list[dict]:
@@ -67,13 +49,13 @@ def session(url: str, seed: int, turns: int, user_tokens: int, new_tokens: int) 
         if got is None:
             out.append({"ok": False, "latency": latency})
             break
-        meta, arrivals = got["meta_info"], got["arrivals"]
+        meta, arrivals = got.meta_info, got.arrivals
         out.append({"ok": True, "latency": latency, "prompt": meta["prompt_tokens"],
                     "cached": meta.get("cached_tokens", 0),
                     "completion": meta["completion_tokens"],
                     "ttft": arrivals[0] - t0,
                     "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]})
-        history = history + got["output_ids"]
+        history = history + got.output_ids
     return out
 
 

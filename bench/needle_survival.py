@@ -3,7 +3,7 @@ layer, for the gates (retention-global, the server's evictor replayed), the hind
 and streaming, at one budget, on the held-out split. It tells whether a miss is eviction or the
 model: a needle the oracle keeps and the gates drop is the gates' loss.
 
-    .venv/bin/python -P bench/needle_survival.py [--length 2048] [--budget 128] [--n 10]
+    .venv/bin/python bench/needle_survival.py [--length 2048] [--budget 128] [--n 10]
         [--gates FILE] [--out bench/results/needle_survival_2k_m128.json]
 
 Writes JSON (per sample and system: the share per layer, and the needle's positions) and a PNG
@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ is not on it
-import oracle  # noqa: E402
-from sglang_evict.serve import DEFAULT_GATES  # noqa: E402
+import oracle
+from sglang_evict.serve import DEFAULT_GATES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("niah_single_1", "niah_multikey_1", "niah_multivalue", "multiturn_recall")

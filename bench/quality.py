@@ -34,7 +34,7 @@ cost only the retention cells; when the earlier run served the same gate file (s
 retention rows are taken too, so adding budgets or samples costs only the new rows. `--quick`
 is a smoke run (one length, two tasks, one sample, M = 128; a few minutes).
 
-    .venv/bin/python -P bench/quality.py --out bench/results/quality.json
+    .venv/bin/python bench/quality.py --out bench/results/quality.json
 """
 
 from __future__ import annotations
@@ -50,10 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ is not on it
-import oracle  # noqa: E402
-import ruler  # noqa: E402
-from sglang_evict.serve import DEFAULT_GATES  # noqa: E402
+import oracle
+import ruler
+from sglang_evict.serve import DEFAULT_GATES
 
 PRESSES = ("snapkv", "streamingllm", "expected_attention", "knorm", "adakv")
 TRAINING_FREE = ("streaming", "random", "knorm")

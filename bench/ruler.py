@@ -14,7 +14,7 @@ prediction and the per-cell mean with a 95% bootstrap interval, and a PNG (score
 length). No request may be squeezed by another: the pool is sized so that cross-request reclaim
 never happens, and the run fails if it does.
 
-    .venv/bin/python -P bench/ruler.py --gates init --lengths 2048 4096 --n 5 \
+    .venv/bin/python bench/ruler.py --gates init --lengths 2048 4096 --n 5 \
         --out bench/results/ruler_untrained.json
 
 New gates change only the retention cells: `--reuse EARLIER.json` takes the full-cache and
@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import requests
+import scipy.stats
+import client
 from tqdm import tqdm
 
 BASELINE = "full"
@@ -63,12 +64,16 @@ def write_init_gates(model_path: Path, out: Path) -> Path:
 
 
 def bootstrap_ci(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean (scipy.stats.bootstrap); a single value
+    or identical values are their own interval."""
     if not values:
         return (math.nan, math.nan)
     x = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(rounds, len(x)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    if len(x) < 2 or np.all(x == x[0]):
+        return float(x[0]), float(x[0])
+    res = scipy.stats.bootstrap((x,), np.mean, n_resamples=rounds, confidence_level=0.95,
+                                method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def cells(policies, budgets):
@@ -151,15 +156,9 @@ def serve_rows(server, jobs: list, buffer: int, concurrency: int) -> list[dict]:
 
     def one(job):
         sample, policy, budget = job
-        params = {
-            "temperature": 0,
-            "max_new_tokens": sample["tokens_to_generate"],
-            "custom_params": {"sglang_evict": override(policy, budget, buffer)},
-        }
-        r = requests.post(server.url + "/generate",
-                          json={"text": sample["input"], "sampling_params": params}, timeout=3600)
-        r.raise_for_status()
-        body = r.json()
+        body = client.generate(server.url, sample["input"], sample["tokens_to_generate"],
+                               ignore_eos=False, evict=override(policy, budget, buffer),
+                               timeout=3600)
         meta = body["meta_info"]["sglang_evict"]
         return {
             "task": sample["task"], "length": sample["length"], "index": sample["index"],

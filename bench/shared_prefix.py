@@ -10,7 +10,7 @@ p50/p99 TTFT and ITL and mean concurrency; from the server's log: the most reque
 together, the prefix hit rate (cached / prompt tokens over the prefill batches) and
 retractions.
 
-    .venv/bin/python -P bench/shared_prefix.py --out bench/results/shared_prefix.json
+    .venv/bin/python bench/shared_prefix.py --out bench/results/shared_prefix.json
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with -P: bench/ is not on it
-from server_plot import plot_servers  # noqa: E402
-from side_by_side import add_pair_arguments, pair_server_args, write_pair  # noqa: E402
+from server_plot import plot_servers
+from side_by_side import add_pair_arguments, pair_server_args, write_pair
 
 KEEP = ("completed", "duration", "request_throughput", "output_throughput", "median_ttft_ms",
         "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "concurrency")

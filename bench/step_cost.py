@@ -6,7 +6,7 @@ between them), then times decode steps: `prepare` (allocation, lists, metadata),
 store and the CPU attention path, and `after_forward` (the evictor). Reported per (policy, B, C):
 ms per step, and the share spent in prepare / attention / after_forward.
 
-    .venv/bin/python -P bench/step_cost.py --out bench/results/step_cost.json
+    .venv/bin/python bench/step_cost.py --out bench/results/step_cost.json
 
 `--src DIR` runs the same measurement against another checkout's package (for example the
 commit before the live lists, to compare before and after in one run): DIR must hold

@@ -12,7 +12,7 @@ run:
 Reported per server: wall time, output tokens/s, SGLang's retraction count (from its log), and
 the ratio to vanilla measured in this run.
 
-    .venv/bin/python -P bench/throughput.py --out bench/results/throughput.json
+    .venv/bin/python bench/throughput.py --out bench/results/throughput.json
 """
 
 from __future__ import annotations
@@ -24,19 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import requests
+import client
 from tqdm import tqdm
 
 
 def workload(server, prompts, new_tokens, concurrency):
     def one(text):
-        r = requests.post(server.url + "/generate", json={
-            "text": text,
-            "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
-                                "ignore_eos": True},
-        }, timeout=7200)
-        r.raise_for_status()
-        return r.json()["meta_info"]
+        return client.generate(server.url, text, new_tokens)["meta_info"]
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as ex:

@@ -1,6 +1,6 @@
 """Gate training step time and loss parity, float32 vs bfloat16 autocast, in one run.
 
-    .venv/bin/python -P bench/train_precision.py [--lengths 2048,4096] [--samples 3]
+    .venv/bin/python bench/train_precision.py [--lengths 2048,4096] [--samples 3]
                      [--precisions fp32,autocast] [--config configs/train_smollm2_dbtrimkv_v2.toml]
 
 For each length, the same training samples (the config's stream, indices drawn so that each

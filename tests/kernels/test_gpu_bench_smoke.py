@@ -3,16 +3,13 @@ mode runs here under the interpreter, every kernel agreeing with its torch twin.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+import bench_modules
 
 
 def test_gpu_kernel_check_runs_and_every_kernel_agrees(tmp_path):
-    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_kernels.py"
-    spec = importlib.util.spec_from_file_location("gpu_kernels", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_modules.load("gpu_kernels")
     out = tmp_path / "gpu.json"
     assert mod.main(["--smoke", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

@@ -20,6 +20,8 @@ import time
 import pytest
 import requests
 
+import bench_modules
+
 CLIENTS = 32
 SECONDS = 100
 POOL = 256
@@ -89,14 +91,7 @@ def _drained(server, seconds: float = 120) -> dict[str, float]:
 
 def _soak():
     """bench/soak.py: the load's requests and its contract, shared with the long soak."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
-    spec = importlib.util.spec_from_file_location("bench_soak", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load("soak")
 
 
 def test_randomized_load_with_disconnects_and_malformed_requests(loaded_server):

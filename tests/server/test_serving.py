@@ -94,3 +94,28 @@ def test_sgl_function_program(server, hf_model):
     prompt_ids = tokenizer(first["prompt_text"], add_special_tokens=False)["input_ids"]
     reference = greedy_ids(model, tokenizer, prompt_ids, 40)
     assert first["sight"] == tokenizer.decode(reference, skip_special_tokens=True).strip()
+
+
+def test_the_benches_client_streams_what_a_plain_request_returns(server, hf_model):
+    """bench/client.py (every bench's requests): a streamed request brings the same greedy
+    tokens as a whole one, one arrival per new token, and `evict` goes as the request's
+    custom_params (which SGLang without eviction settings accepts and ignores)."""
+
+    import bench_modules
+
+    client = bench_modules.load("client")
+    _, tokenizer = hf_model
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    whole = client.generate(server.url, ids, 8)
+    assert whole["meta_info"]["completion_tokens"] == 8  # ignore_eos by default
+    assert whole["output_ids"] == generate(server, ids, 8, ignore_eos=True)["output_ids"]
+    got = client.stream(server.url, ids, 8)
+    assert got.ok and got.output_ids == whole["output_ids"]
+    assert got.meta_info["completion_tokens"] == 8
+    assert len(got.arrivals) == 8 and got.arrivals == sorted(got.arrivals)
+    assert got.arrivals[0] > got.sent
+    body = client.request_body(PROMPTS[0], 4, evict={"budget": 16})
+    assert body["sampling_params"]["custom_params"] == {"sglang_evict": {"budget": 16}}
+    assert body["text"] == PROMPTS[0]
+    assert client.generate(server.url, PROMPTS[0], 4, evict={"budget": 16})[
+        "meta_info"]["completion_tokens"] == 4

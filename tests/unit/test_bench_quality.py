@@ -3,26 +3,18 @@ the headline cells pick, and the request a cell sends."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+import bench_modules
+
 
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return module
+    return bench_modules.load("quality")
 
 
 SETTINGS = {"buffer": 32, "chunk": 1024, "concurrency": 3, "kvpress": ["kvpress==0.5.5"]}

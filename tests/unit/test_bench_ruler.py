@@ -3,21 +3,17 @@ prompts and server settings, and never the rows that read the gates."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+import bench_modules
+
 
 
 @pytest.fixture(scope="module")
 def ruler():
-    spec = importlib.util.spec_from_file_location("bench_ruler", ROOT / "bench" / "ruler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load("ruler")
 
 
 ARGS = ["--evict-policy", "retention-global", "--evict-gates", "old.safetensors",
@@ -66,3 +62,16 @@ def test_reuse_refuses_other_settings_or_prompts(tmp_path, ruler):
     changed[1]["outputs"] = ["999"]
     with pytest.raises(SystemExit, match="another prompt"):
         ruler.reusable_rows(path, changed, grid, 32, ARGS)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation_of_a_large_sample(ruler):
+    """scipy's percentile bootstrap of the mean against the textbook interval for a mean of n
+    0/1 scores (mean +- 1.96 sqrt(p(1-p)/n)): for n = 400 they agree to within 0.01."""
+    import numpy as np
+
+    scores = (np.random.default_rng(3).random(400) < 0.3).astype(float).tolist()
+    p = float(np.mean(scores))
+    half = 1.96 * (p * (1 - p) / len(scores)) ** 0.5
+    lo, hi = ruler.bootstrap_ci(scores)
+    assert lo == pytest.approx(p - half, abs=0.01) and hi == pytest.approx(p + half, abs=0.01)
+    assert ruler.bootstrap_ci([0.5]) == (0.5, 0.5) and ruler.bootstrap_ci([1.0, 1.0]) == (1.0, 1.0)
