@@ -29,14 +29,13 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 import client
+from intervals import bootstrap_ci
 from tqdm import tqdm
 
 BASELINE = "full"
@@ -61,19 +60,6 @@ def write_init_gates(model_path: Path, out: Path) -> Path:
         gates.reset_parameters(torch.Generator().manual_seed(0))
     save_gates(out, gates, extra={"note": "untrained (initialisation)"})
     return out
-
-
-def bootstrap_ci(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean (scipy.stats.bootstrap); a single value
-    or identical values are their own interval."""
-    if not values:
-        return (math.nan, math.nan)
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2 or np.all(x == x[0]):
-        return float(x[0]), float(x[0])
-    res = scipy.stats.bootstrap((x,), np.mean, n_resamples=rounds, confidence_level=0.95,
-                                method="percentile", rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def cells(policies, budgets):
