@@ -32,6 +32,9 @@ ATTENTION_BACKEND = "sglang_evict"
 # buffer, sinks, window and lookahead up to the server's own (and any evicting policy); or
 # anything, including policy none (no eviction for that request).
 OVERRIDE_MODES = ("none", "clamp", "any")
+# When the pool runs short: one ranking over running requests' entries and the radix tree's
+# ("mixed"), or the tree's evictable entries first, lossless for running requests ("tree-first").
+RECLAIM_ORDERS = ("mixed", "tree-first")
 
 # (flag, field, type)
 FLAGS: tuple[tuple[str, str, type], ...] = (
@@ -47,6 +50,7 @@ FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--evict-oversubscribe", "oversubscribe", int),
     ("--evict-debug-check", "debug_check", int),
     ("--evict-overrides", "overrides", str),
+    ("--evict-reclaim", "reclaim", str),
 )
 
 
@@ -79,12 +83,18 @@ class EvictConfig:
     debug_check: int = 0
     # What clients may override per request (OVERRIDE_MODES); "clamp" suits a shared server.
     overrides: str = "clamp"
+    # The global evictor's order when the pool runs short (RECLAIM_ORDERS).
+    reclaim: str = "mixed"
 
     def __post_init__(self) -> None:
         if self.overrides not in OVERRIDE_MODES:
             raise EvictConfigError(
                 f"--evict-overrides must be one of {', '.join(OVERRIDE_MODES)}, "
                 f"got {self.overrides!r}"
+            )
+        if self.reclaim not in RECLAIM_ORDERS:
+            raise EvictConfigError(
+                f"--evict-reclaim must be one of {', '.join(RECLAIM_ORDERS)}, got {self.reclaim!r}"
             )
         if self.kernel not in KERNEL_BACKENDS:
             raise EvictConfigError(

@@ -15,7 +15,7 @@ from sglang_evict.eviction.policies import make_policy
 
 
 def make_cache(capacity_tokens, L, H, D, *, policy="streaming", budget=4, buffer=2, sinks=1,
-               rows=4, use_triton=False):
+               rows=4, use_triton=False, reclaim="mixed"):
     """A HeadKVCache with the integrity check after every step (policy None: no evictor)."""
     evictor = None
     if policy is not None:
@@ -25,6 +25,7 @@ def make_cache(capacity_tokens, L, H, D, *, policy="streaming", budget=4, buffer
         num_virtual=512, num_layers=L, num_kv_heads=H, head_dim=D, v_head_dim=D,
         capacity=capacity_tokens * L * H, dtype=torch.float32, device="cpu", evictor=evictor,
         num_rows=rows, max_row_len=256, page_size=4, debug_check=True, use_triton=use_triton,
+        reclaim=reclaim,
     )
 
 

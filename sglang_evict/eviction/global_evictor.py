@@ -10,7 +10,11 @@ Policies score on their own ranges (streaming -(t - pos), random [0, 1), retenti
 pool: the policy with the higher range is reclaimed from last. When entries of more than one
 policy compete, each policy's scores become their quantile among that policy's evictable
 entries (ties to the lower index, as before), so every policy loses the same share of what it
-could lose, and within a policy the ranking is its own. One policy alone ranks as before."""
+could lose, and within a policy the ranking is its own. One policy alone ranks as before.
+
+With `tree_first` (--evict-reclaim tree-first) the tree's evictable entries all go before any
+running request's: lossless for the requests running, at the cost of holes in cached prefixes
+that later turns would match."""
 
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 class GlobalEvictor:
-    def __init__(self, cache, requests, select_keep=None):
+    def __init__(self, cache, requests, select_keep=None, tree_first: bool = False):
         self.cache = cache
+        self.tree_first = tree_first
         self.requests = requests  # RequestEvictors: each row's policy
         # Ranks every live head-slot of the pool as one row: the Triton radix select spreads
         # that over many programs (a k-th value runs one block per row); None: torch.
@@ -64,6 +69,8 @@ class GlobalEvictor:
                                      tree_scores.numel())
         if groups is not None:
             flat = common_scale(flat, groups)
+        if self.tree_first and tree_scores.numel():
+            flat = tree_before_requests(flat, scores.numel())
         live = int(private.sum()) + tree_slots.numel()
         evictable = int(torch.isfinite(flat).sum())  # -inf: no entry; +inf: protected
         take = min(deficit, evictable)
@@ -163,4 +170,17 @@ def common_scale(flat: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=flat.device)
         out[idx] = (rank.to(flat.dtype) + 0.5) / order.numel()
+    return out
+
+
+def tree_before_requests(flat: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Every finite score of the tree's entries (after the first `n_rows`) below every finite
+    score of the requests', each part keeping its own order (both become their quantiles, the
+    tree's less 1); +inf and -inf stay."""
+    part = torch.zeros(flat.numel(), dtype=torch.long, device=flat.device)
+    part[n_rows:] = 1
+    out = common_scale(flat, part)
+    tree = torch.isfinite(out)
+    tree[:n_rows] = False
+    out[tree] -= 1.0
     return out

@@ -237,6 +237,22 @@ def test_operator_switch_decides_what_a_client_may_change(monkeypatch):
         split_argv(flags + ["--evict-overrides", "some"])
 
 
+def test_reclaim_order_is_a_server_setting_checked_at_start_up():
+    flags = ["--evict-policy", "streaming", "--evict-budget", "64"]
+    assert split_argv(flags)[0].reclaim == "mixed"
+    assert split_argv(flags + ["--evict-reclaim", "tree-first"])[0].reclaim == "tree-first"
+    with pytest.raises(EvictConfigError, match="--evict-reclaim must be one of mixed, tree-first"):
+        split_argv(flags + ["--evict-reclaim", "lru"])
+    with pytest.raises(EvictConfigError, match="--evict-reclaim without --evict-policy"):
+        split_argv(["--evict-reclaim", "tree-first"])
+    # not a client's to choose
+    from sglang_evict.patches import evict_requests
+
+    server, _ = split_argv(flags + ["--evict-overrides", "any"])
+    with pytest.raises(ValueError, match="unknown field"):
+        evict_requests.request_config({"sglang_evict": {"reclaim": "mixed"}}, server)
+
+
 def test_evictors_of_distinct_overrides_stay_bounded(monkeypatch):
     """Thousands of distinct overrides, one request after another on the same rows: the
     override cache and the cache's evictor table stay bounded by what runs now."""

@@ -19,9 +19,10 @@ L, H, D = 2, 2, 4
 HPT = L * H
 
 
-def _sim(capacity_tokens=64, policy="streaming", budget=4, buffer=2, sinks=1, rows=4):
+def _sim(capacity_tokens=64, policy="streaming", budget=4, buffer=2, sinks=1, rows=4,
+         reclaim="mixed"):
     cache = make_cache(capacity_tokens, L, H, D, policy=policy, budget=budget, buffer=buffer,
-                       sinks=sinks, rows=rows)
+                       sinks=sinks, rows=rows, reclaim=reclaim)
     return cache, RadixSim(cache, rows=rows)
 
 
@@ -92,6 +93,31 @@ def test_global_evictor_takes_the_tree_entries_with_the_lowest_utility():
     assert bool(kept[0].all())  # the tree's sink survives
     assert bool((~kept).any())  # holes: per head, not whole tokens
     cache.check_integrity(sim.req_to_token)
+
+
+def test_tree_first_takes_the_trees_entries_before_any_running_requests():
+    """Streaming scores -(t - pos): a running request's oldest entries score below the tree's
+    (cached at a shorter length), so one ranking takes from the request; tree-first takes the
+    tree's evictable entries first and leaves every running head-slot in place."""
+    taken = {}
+    for order in ("mixed", "tree-first"):
+        cache, sim = _sim(capacity_tokens=40, budget=16, buffer=4, reclaim=order)
+        sim.admit(0, None, 0, 6, log_beta=None)
+        sim.finish(0)  # the tree holds 6 tokens, its sink protected
+        sim.admit(1, None, 0, 14, log_beta=None)  # a new request, nothing shared
+        for _ in range(4):
+            sim.step({1: 1}, log_beta=None)
+        running = sim.req_to_token[1, :18].long()
+        before = cache.pool.slot_map[running].clone()
+        assert bool((before >= 0).all())
+        tree_before = cache.tree.live
+        freed = cache.global_evictor.reclaim(3 * HPT)
+        assert freed == 3 * HPT
+        taken[order] = int((cache.pool.slot_map[running] != before).sum())
+        if order == "tree-first":
+            assert taken[order] == 0 and cache.tree.live == tree_before - 3 * HPT
+        cache.check_integrity(sim.req_to_token)
+    assert taken["mixed"] > 0  # one ranking: the request's old entries went first
 
 
 def test_a_request_listing_tree_entries_loses_them_when_the_global_evictor_takes_them():
