@@ -22,16 +22,11 @@ point the table names the smallest vanilla pool that reaches its accuracy.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import random
-import re
-import time
 from pathlib import Path
 
-import client
-import requests
-from intervals import bootstrap_ci
+import scored
 
 FACT = "Please remember this for later: the secret code for the {key} is {value}."
 PASSAGE = "Here is a passage from an essay I am reading:\n\n{text}\n\nWhat do you make of it?"
@@ -74,145 +69,25 @@ def build_sessions(n: int, facts: int, passages: int, words: int, asks: int, see
     return out
 
 
-def is_right(reply: str, digits: str) -> bool:
-    """The reply states the digits (as a number of its own, not inside a longer one)."""
-    return re.search(rf"(?<!\d){digits}(?!\d)", reply) is not None
-
-
 def run_session(url: str, tokenizer, session: dict, new_tokens: int,
                 answer_tokens: int) -> list[dict]:
     """Every turn of one session, each resending the conversation so far; a failed turn ends
-    the session."""
+    the session, and a turn never sent counts as a wrong answer where it was scored."""
     messages: list[dict] = []
     out = []
     for t, user in enumerate(session["turns"]):
         messages.append({"role": "user", "content": user})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        scored = session["scored"].get(t)
-        try:
-            got = client.stream(url, ids, answer_tokens if scored else new_tokens,
-                                ignore_eos=False, timeout=3600)
-        except requests.RequestException:
-            got = None
-        done = time.perf_counter()
-        if got is None or not got.ok:
-            out.append({"ok": False, "scored": scored is not None, "right": False})
+        expected = session["scored"].get(t)
+        turn = scored.ask(url, tokenizer, messages, answer_tokens if expected else new_tokens,
+                          expected)
+        out.append(turn)
+        if not turn["ok"]:
             break
-        reply = tokenizer.decode(got.output_ids, skip_special_tokens=True)
-        messages.append({"role": "assistant", "content": reply})
-        meta = got.meta_info
-        out.append({"ok": True, "scored": scored is not None,
-                    "right": scored is not None and is_right(reply, scored),
-                    "latency": done - got.sent, "ttft": got.arrivals[0] - got.sent,
-                    "prompt": meta["prompt_tokens"], "cached": meta.get("cached_tokens", 0),
-                    "completion": meta["completion_tokens"],
-                    **({"reply": reply, "expected": scored} if scored else {})})
-    # a turn never sent (the session ended early) counts as a wrong answer where it was scored
+        messages.append({"role": "assistant", "content": turn["reply"]})
     sent = len(out)
     out += [{"ok": False, "scored": t in session["scored"], "right": False, "unsent": True}
             for t in range(sent, len(session["turns"]))]
     return out
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else None
-
-
-def run_server(name: str, sargs: list[str], sessions: list[dict], tokenizer, args) -> dict:
-    from sglang_evict.server_process import ServerProcess
-
-    print(f"{name}: {' '.join(sargs)}", flush=True)
-    with ServerProcess(sargs, startup_timeout=900) as srv:
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(len(sessions)) as pool:
-            runs = list(pool.map(lambda s: run_session(
-                srv.url, tokenizer, s, args.new_tokens, args.answer_tokens), sessions))
-        wall = time.perf_counter() - t0
-        log = srv.log_path.read_text(errors="replace")
-    turns = [t for run in runs for t in run]
-    done = [t for t in turns if t["ok"]]
-    scored = [float(t["right"]) for t in turns if t["scored"]]
-    lo, hi = bootstrap_ci(scored)
-    running = [int(n) for n in re.findall(r"Decode batch.*?#running-req: (\d+)", log)]
-    result = {
-        "server_args": sargs,
-        "accuracy": sum(scored) / len(scored), "accuracy_ci95": [lo, hi],
-        "scored_turns": len(scored), "right": int(sum(scored)),
-        "requests": len(done), "failed": len(turns) - len(done), "wall_s": wall,
-        "requests_per_s": len(done) / wall,
-        "output_tokens_per_s": sum(t["completion"] for t in done) / wall,
-        "latency_p50_s": _pct([t["latency"] for t in done], 0.5),
-        "latency_p99_s": _pct([t["latency"] for t in done], 0.99),
-        "ttft_p50_s": _pct([t["ttft"] for t in done], 0.5),
-        "ttft_p99_s": _pct([t["ttft"] for t in done], 0.99),
-        "prefix_hit_rate": sum(t["cached"] for t in done) / max(1, sum(t["prompt"] for t in done)),
-        "max_running": max(running) if running else 0,
-        "retractions": log.count("KV cache pool is full. Retract requests."),
-        "answers": [{"reply": t["reply"], "expected": t["expected"], "right": t["right"]}
-                    for t in done if t["scored"]],
-    }
-    print(json.dumps({name: {k: v for k, v in result.items() if k != "answers"}}), flush=True)
-    return result
-
-
-def systems(pools: list[int], budgets: list[int], args) -> list[dict]:
-    """The sweep's servers: vanilla at every pool, then eviction at every pool and budget."""
-    out = []
-    for pool in pools:
-        common = ["--max-total-tokens", str(pool), "--enable-cache-report",
-                  "--decode-log-interval", "1"]
-        out.append({"name": f"vanilla pool={pool}", "system": "vanilla", "pool": pool,
-                    "budget": None, "args": common})
-        for m in budgets:
-            out.append({"name": f"{args.policy} M={m} pool={pool}", "system": f"{args.policy} "
-                        f"M={m}", "pool": pool, "budget": m, "args": common + [
-                            "--evict-policy", args.policy, "--evict-budget", str(m),
-                            "--evict-buffer", str(args.buffer)]})
-    return out
-
-
-def matched_vanilla(results: list[dict]) -> None:
-    """For each eviction point: the smallest vanilla pool whose accuracy reaches its accuracy
-    (None if no vanilla pool of the sweep does), and its requests/s against that pool's."""
-    vanilla = sorted((r for r in results if r["budget"] is None), key=lambda r: r["pool"])
-    for r in results:
-        if r["budget"] is None:
-            continue
-        match = next((v for v in vanilla if v["accuracy"] >= r["accuracy"]), None)
-        r["vanilla_pool_at_same_accuracy"] = match["pool"] if match else None
-        r["memory_share_of_that_pool"] = r["pool"] / match["pool"] if match else None
-        r["requests_per_s_over_that_pool"] = (
-            r["requests_per_s"] / match["requests_per_s"] if match else None)
-
-
-def plot(results: list[dict], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for system in dict.fromkeys(r["system"] for r in results):
-        rows = sorted((r for r in results if r["system"] == system), key=lambda r: r["pool"])
-        pools = [r["pool"] for r in rows]
-        acc = [r["accuracy"] for r in rows]
-        err = [[a - r["accuracy_ci95"][0] for a, r in zip(acc, rows)],
-               [r["accuracy_ci95"][1] - a for a, r in zip(acc, rows)]]
-        axes[0].errorbar(pools, acc, yerr=err, marker="o", capsize=3, label=system)
-        axes[1].plot(pools, [r["requests_per_s"] for r in rows], marker="o", label=system)
-    for ax, label in zip(axes, ("accuracy of scored turns", "requests/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("KV pool (tokens at full size)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(-0.05, 1.05)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -224,11 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--asks", type=int, default=2, help="scored turns per session")
     p.add_argument("--new-tokens", type=int, default=32, help="reply length of other turns")
     p.add_argument("--answer-tokens", type=int, default=32)
-    p.add_argument("--pools", type=int, nargs="+", default=[1024, 2048, 8192])
-    p.add_argument("--budgets", type=int, nargs="+", default=[128])
-    p.add_argument("--policy", default="retention-global")
-    p.add_argument("--buffer", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    scored.add_sweep_args(p, pools=[1024, 2048, 8192], budgets=[128])
     p.add_argument("--quick", action="store_true",
                    help="4 sessions of 5 turns, one vanilla and one eviction server (< 5 min)")
     p.add_argument("--out", default="bench/results/scored_sessions.json")
@@ -243,25 +114,23 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(resolve())
     sessions = build_sessions(args.sessions, args.facts, args.passages, args.words, args.asks,
                               args.seed)
+    jobs = [lambda url, s=s: run_session(url, tokenizer, s, args.new_tokens, args.answer_tokens)
+            for s in sessions]
     results = []
-    for spec in systems(args.pools, args.budgets, args):
-        result = run_server(spec["name"], spec["args"], sessions, tokenizer, args)
+    for spec in scored.systems(args):
+        result = scored.run_server(spec["name"], spec["args"], {"sessions": jobs})["sessions"]
         results.append({k: spec[k] for k in ("name", "system", "pool", "budget")} | result)
-    matched_vanilla(results)
+    scored.matched_vanilla(results)
     report = {"benchmark": "scored_sessions", "settings": {
         k: getattr(args, k) for k in ("sessions", "facts", "passages", "words", "asks",
                                       "new_tokens", "answer_tokens", "policy", "buffer", "seed",
-                                      "quick")}, "servers": results}
+                                      "quick", "reclaim", "vanilla")}, "servers": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    plot(results, out.with_suffix(".png"), f"{args.sessions} scored sessions, "
-         f"{args.facts} facts, {args.passages} passages, {args.asks} asks each")
-    for r in results:
-        ci = r["accuracy_ci95"]
-        print(f"{r['name']:>36}: accuracy {r['accuracy']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}], "
-              f"{r['requests_per_s']:.2f} req/s, hit {r['prefix_hit_rate']:.2f}, "
-              f"retractions {r['retractions']}, failed {r['failed']}")
+    scored.plot(results, out.with_suffix(".png"), f"{args.sessions} scored sessions, "
+                f"{args.facts} facts, {args.passages} passages, {args.asks} asks each")
+    scored.print_table(results)
     return 0
 
 

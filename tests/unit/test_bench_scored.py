@@ -1,5 +1,6 @@
-"""bench/scored_sessions.py without a server: the sessions it builds from the held-out split,
-how it scores a reply, and the vanilla pool it matches an eviction point's accuracy to."""
+"""The scored serving benches without a server: the sessions and shared-context groups they
+build from the held-out split, how a reply is scored, and the vanilla pool an eviction point's
+accuracy is matched to (bench/scored_sessions.py, bench/scored_context.py, bench/scored.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,24 @@ import bench_modules
 
 
 @pytest.fixture(scope="module")
-def scored():
+def sessions():
     return bench_modules.load("scored_sessions")
 
 
-def test_every_scored_turn_asks_a_fact_its_session_planted_earlier(scored):
-    sessions = scored.build_sessions(3, facts=3, passages=2, words=40, asks=2, seed=0)
-    assert sessions == scored.build_sessions(3, facts=3, passages=2, words=40, asks=2, seed=0)
-    for s in sessions:
+@pytest.fixture(scope="module")
+def scored():
+    return bench_modules.load("scored")
+
+
+@pytest.fixture(scope="module")
+def context():
+    return bench_modules.load("scored_context")
+
+
+def test_every_scored_turn_asks_a_fact_its_session_planted_earlier(sessions):
+    built = sessions.build_sessions(3, facts=3, passages=2, words=40, asks=2, seed=0)
+    assert built == sessions.build_sessions(3, facts=3, passages=2, words=40, asks=2, seed=0)
+    for s in built:
         assert len(s["turns"]) == 3 + 2 + 2
         planted = dict(re.findall(r"the secret code for the (\S+) is (\d{7})\.", " ".join(
             s["turns"][:3])))
@@ -32,7 +43,7 @@ def test_every_scored_turn_asks_a_fact_its_session_planted_earlier(scored):
             assert s["turns"][t].startswith("Here is a passage") and len(s["turns"][t]) > 100
             assert not any(v in s["turns"][t] for v in planted.values())
     # the sessions differ from each other
-    assert len({s["turns"][0] for s in sessions}) == 3
+    assert len({s["turns"][0] for s in built}) == 3
 
 
 def test_a_reply_is_right_when_it_states_the_digits_as_a_number(scored):
@@ -52,3 +63,60 @@ def test_each_eviction_point_is_matched_to_the_smallest_vanilla_pool_as_accurate
     assert rows[3]["memory_share_of_that_pool"] == 0.5
     assert rows[3]["requests_per_s_over_that_pool"] == 3.0
     assert rows[4]["vanilla_pool_at_same_accuracy"] is None  # no vanilla pool reaches 0.9
+
+
+def test_matching_compares_an_eviction_point_with_vanilla_in_the_same_phase_only(scored):
+    rows = [{"pool": 512, "budget": None, "accuracy": 0.9, "requests_per_s": 1.0,
+             "phase": "at once"},
+            {"pool": 512, "budget": None, "accuracy": 0.1, "requests_per_s": 1.0,
+             "phase": "in sequence"},
+            {"pool": 512, "budget": 64, "accuracy": 0.5, "requests_per_s": 2.0,
+             "phase": "in sequence"}]
+    scored.matched_vanilla(rows)
+    assert rows[2]["vanilla_pool_at_same_accuracy"] is None
+
+
+def test_every_question_of_a_group_asks_a_needle_of_its_own_document(context):
+    groups = context.build_groups(3, needles=4, words=200, seed=0)
+    assert groups == context.build_groups(3, needles=4, words=200, seed=0)
+    # another range of groups: other documents (the two phases never share one)
+    later = context.build_groups(3, needles=4, words=200, seed=0, first=3)
+    assert not {g["document"] for g in groups} & {g["document"] for g in later}
+    for g in groups:
+        planted = dict(re.findall(r"One of the special magic numbers for (\S+) is: (\d{7})\.",
+                                  g["document"]))
+        assert len(planted) == 4
+        assert sorted(q["key"] for q in g["questions"]) == sorted(planted)
+        assert all(planted[q["key"]] == q["expected"] for q in g["questions"])
+        # the needles sit between the essay's sentences, the essay's words all kept
+        essay = re.sub(r"One of the special magic numbers for \S+ is: \d{7}\. ?", "",
+                       g["document"])
+        assert len(essay.split()) == 200
+        # every question's prompt starts with the same document: the radix cache shares it
+        prompts = [context.prompt(g, q)[0]["content"] for q in g["questions"]]
+        head = prompts[0][: prompts[0].index("What is the special magic number")]
+        assert head.endswith(g["document"] + "\n\n")
+        assert all(p.startswith(head) and p != prompts[0] for p in prompts[1:])
+
+
+def test_at_once_runs_every_question_together_and_in_sequence_one_job_per_group(
+        context, monkeypatch):
+    groups = context.build_groups(2, needles=3, words=100, seed=0)
+    asked = []
+
+    def ask(url, tokenizer, messages, max_new_tokens, expected):
+        asked.append((messages[0]["content"], expected))
+        return {"expected": expected}
+
+    monkeypatch.setattr(context.scored, "ask", ask)
+    now = context.jobs(groups, "at once", None, 16)
+    assert len(now) == 6 and all(len(job("url")) == 1 for job in now)
+    seq = context.jobs(groups, "in sequence", None, 16)
+    assert len(seq) == 2
+    assert [t["expected"] for t in seq[0]("url")] == [q["expected"]
+                                                     for q in groups[0]["questions"]]
+    # each question once at once, the first group's again in sequence, each with its document
+    assert len(asked) == 9
+    for content, expected in asked:
+        g = next(g for g in groups if expected in [q["expected"] for q in g["questions"]])
+        assert g["document"] in content

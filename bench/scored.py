@@ -1,0 +1,193 @@
+"""What the scored serving benches share: one scored request, one server run of concurrent
+jobs with its figures, the sweep's servers, the vanilla pool matched to each eviction point,
+and the plots.
+
+A job is a callable that takes the server's URL and returns its turns (dicts from `ask`); a
+phase is a list of jobs run at once on one server. A server runs its phases one after the
+other, each summarised on its own (its retractions from its own stretch of the server log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import re
+import time
+from collections.abc import Callable
+
+import client
+import requests
+from intervals import bootstrap_ci
+
+Job = Callable[[str], list[dict]]
+
+
+def is_right(reply: str, digits: str) -> bool:
+    """The reply states the digits (as a number of its own, not inside a longer one)."""
+    return re.search(rf"(?<!\d){digits}(?!\d)", reply) is not None
+
+
+def ask(url: str, tokenizer, messages: list[dict], max_new_tokens: int,
+        expected: str | None) -> dict:
+    """One chat turn through the model's chat template, streamed; scored when `expected` (the
+    digits the reply must state) is given. A transport error or a non-200 answer: ok False."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    try:
+        got = client.stream(url, ids, max_new_tokens, ignore_eos=False, timeout=3600)
+    except requests.RequestException:
+        got = None
+    done = time.perf_counter()
+    if got is None or not got.ok:
+        return {"ok": False, "scored": expected is not None, "right": False}
+    reply = tokenizer.decode(got.output_ids, skip_special_tokens=True)
+    meta = got.meta_info
+    return {"ok": True, "scored": expected is not None,
+            "right": expected is not None and is_right(reply, expected),
+            "latency": done - got.sent, "ttft": got.arrivals[0] - got.sent,
+            "prompt": meta["prompt_tokens"], "cached": meta.get("cached_tokens", 0),
+            "completion": meta["completion_tokens"], "reply": reply,
+            **({"expected": expected} if expected is not None else {})}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def summarise(turns: list[dict], wall: float, log: str) -> dict:
+    """A phase's figures from its turns, its wall time and its stretch of the server log."""
+    done = [t for t in turns if t["ok"]]
+    scored = [float(t["right"]) for t in turns if t["scored"]]
+    lo, hi = bootstrap_ci(scored)
+    running = [int(n) for n in re.findall(r"Decode batch.*?#running-req: (\d+)", log)]
+    return {
+        "accuracy": sum(scored) / len(scored), "accuracy_ci95": [lo, hi],
+        "scored_turns": len(scored), "right": int(sum(scored)),
+        "requests": len(done), "failed": len(turns) - len(done), "wall_s": wall,
+        "requests_per_s": len(done) / wall,
+        "output_tokens_per_s": sum(t["completion"] for t in done) / wall,
+        "latency_p50_s": _pct([t["latency"] for t in done], 0.5),
+        "latency_p99_s": _pct([t["latency"] for t in done], 0.99),
+        "ttft_p50_s": _pct([t["ttft"] for t in done], 0.5),
+        "ttft_p99_s": _pct([t["ttft"] for t in done], 0.99),
+        "prefix_hit_rate": sum(t["cached"] for t in done) / max(1, sum(t["prompt"] for t in done)),
+        "max_running": max(running) if running else 0,
+        "retractions": log.count("KV cache pool is full. Retract requests."),
+        "answers": [{"reply": t["reply"], "expected": t["expected"], "right": t["right"]}
+                    for t in done if t["scored"]],
+    }
+
+
+def run_server(name: str, sargs: list[str], phases: dict[str, list[Job]]) -> dict[str, dict]:
+    """One server; each phase's jobs at once, the phases in order; per phase its figures."""
+    from sglang_evict.server_process import ServerProcess
+
+    print(f"{name}: {' '.join(sargs)}", flush=True)
+    out = {}
+    with ServerProcess(sargs, startup_timeout=900) as srv:
+        for phase, jobs in phases.items():
+            start = len(srv.log_path.read_text(errors="replace"))
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(len(jobs)) as pool:
+                runs = list(pool.map(lambda job: job(srv.url), jobs))
+            wall = time.perf_counter() - t0
+            log = srv.log_path.read_text(errors="replace")[start:]
+            out[phase] = {"server_args": sargs} | summarise([t for r in runs for t in r], wall, log)
+            print(json.dumps({f"{name} {phase}": {k: v for k, v in out[phase].items()
+                                                   if k != "answers"}}), flush=True)
+    return out
+
+
+def add_sweep_args(p: argparse.ArgumentParser, pools: list[int], budgets: list[int]) -> None:
+    p.add_argument("--pools", type=int, nargs="+", default=pools,
+                   help="KV pools, tokens at full size")
+    p.add_argument("--budgets", type=int, nargs="+", default=budgets)
+    p.add_argument("--policy", default="retention-global")
+    p.add_argument("--reclaim", nargs="+", default=["mixed"],
+                   choices=["mixed", "tree-first", "lru-first"],
+                   help="the eviction servers' --evict-reclaim orders, each its own server")
+    p.add_argument("--no-vanilla", dest="vanilla", action="store_false",
+                   help="eviction servers only (vanilla's rows from an earlier run)")
+    p.add_argument("--buffer", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def systems(args) -> list[dict]:
+    """The sweep's servers: vanilla at every pool (unless --no-vanilla), then eviction at every
+    pool, budget and reclaim order."""
+    out = []
+    for pool in args.pools:
+        common = ["--max-total-tokens", str(pool), "--enable-cache-report",
+                  "--decode-log-interval", "1"]
+        if args.vanilla:
+            out.append({"name": f"vanilla pool={pool}", "system": "vanilla", "pool": pool,
+                        "budget": None, "args": common})
+        for m in args.budgets:
+            for order in args.reclaim:
+                system = f"{args.policy} M={m}" + (f" {order}" if order != "mixed" else "")
+                out.append({"name": f"{system} pool={pool}", "system": system, "pool": pool,
+                            "budget": m, "args": common + [
+                                "--evict-policy", args.policy, "--evict-budget", str(m),
+                                "--evict-buffer", str(args.buffer), "--evict-reclaim", order]})
+    return out
+
+
+def matched_vanilla(results: list[dict]) -> None:
+    """For each eviction point: the smallest vanilla pool of the same phase whose accuracy
+    reaches its accuracy (None if no vanilla pool of the sweep does), and its requests/s against
+    that pool's."""
+    for r in results:
+        if r["budget"] is None:
+            continue
+        vanilla = sorted((v for v in results if v["budget"] is None
+                          and v.get("phase") == r.get("phase")), key=lambda v: v["pool"])
+        match = next((v for v in vanilla if v["accuracy"] >= r["accuracy"]), None)
+        r["vanilla_pool_at_same_accuracy"] = match["pool"] if match else None
+        r["memory_share_of_that_pool"] = r["pool"] / match["pool"] if match else None
+        r["requests_per_s_over_that_pool"] = (
+            r["requests_per_s"] / match["requests_per_s"] if match else None)
+
+
+def plot(results: list[dict], out, title: str) -> None:
+    """Accuracy (with its interval) and requests/s against the pool, one line per system and
+    phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    lines = dict.fromkeys((r["system"], r.get("phase")) for r in results)
+    for system, phase in lines:
+        rows = sorted((r for r in results if (r["system"], r.get("phase")) == (system, phase)),
+                      key=lambda r: r["pool"])
+        label = system if phase is None else f"{system} ({phase})"
+        pools = [r["pool"] for r in rows]
+        acc = [r["accuracy"] for r in rows]
+        err = [[a - r["accuracy_ci95"][0] for a, r in zip(acc, rows)],
+               [r["accuracy_ci95"][1] - a for a, r in zip(acc, rows)]]
+        axes[0].errorbar(pools, acc, yerr=err, marker="o", capsize=3, label=label)
+        axes[1].plot(pools, [r["requests_per_s"] for r in rows], marker="o", label=label)
+    for ax, label in zip(axes, ("accuracy of scored turns", "requests/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV pool (tokens at full size)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def print_table(results: list[dict]) -> None:
+    for r in results:
+        ci = r["accuracy_ci95"]
+        name = r["name"] + (f" ({r['phase']})" if r.get("phase") else "")
+        print(f"{name:>48}: accuracy {r['accuracy']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}], "
+              f"{r['requests_per_s']:.2f} req/s, p99 TTFT {r['ttft_p99_s'] or 0:.1f} s, "
+              f"hit {r['prefix_hit_rate']:.2f}, retractions {r['retractions']}, "
+              f"failed {r['failed']}")
