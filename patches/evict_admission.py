@@ -8,6 +8,10 @@
 - PrefillAdder.__init__ (AFTER) / add_one_req / add_chunked_req (AROUND): a prefill round counts
   the physical tokens free or reclaimable, less the decode tokens a mixed chunk carries; a
   request whose next chunk does not fit waits, so admission never outgrows the pool.
+- With --evict-reclaim lru-first, both checks first free whole unreferenced radix-tree nodes,
+  least recently used first (SGLang's own tree eviction, lossless for running requests: a later
+  request recomputes what it no longer finds), until the step's tokens are free in the physical
+  pool or the tree has none to give; lossy reclaim only covers what remains.
 - validate_input_length, as the scheduler calls it (AROUND): a request whose protected KV can
   never fit the physical pool is refused with HTTP 400 naming the limit, instead of waiting
   forever (the pool SGLang checks against is the virtual one, `--evict-oversubscribe` times
@@ -64,7 +68,33 @@ def around_decode_capacity(rt, original, allocator, *args, **kwargs):
         return ok
     requests = kwargs.get("requests")
     n = len(requests) if requests is not None else kwargs.get("num_tokens", 0)
+    free_tree_nodes(rt, state, kwargs.get("tree_cache"), n)
     return physical_tokens_available(rt, state) >= n
+
+
+TREE_LRU = "freeing radix-tree nodes for the step"
+
+
+def free_tree_nodes(rt, state, tree_cache, tokens: int) -> None:
+    """--evict-reclaim lru-first: SGLang's LRU eviction of whole unreferenced tree nodes until
+    `tokens` whole tokens (all L*H head-slots each) are free in the physical pool. A tree token
+    frees at most L*H head-slots (fewer where it has holes), hence the loop; it stops when the
+    tree gives nothing more or a pass frees nothing (a deferred free group)."""
+    if tree_cache is None or rt.config.reclaim != "lru-first" or tokens <= 0:
+        return
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    try:
+        lh = state.heads_per_token
+        while (short := tokens - state.pool.num_free // lh) > 0:
+            before, evictable = state.pool.num_free, tree_cache.evictable_size()
+            if evictable <= 0:
+                return
+            tree_cache.evict(EvictParams(num_tokens=min(short, evictable)))
+            if state.pool.num_free == before:
+                return
+    except Exception as exc:  # noqa: BLE001 - reclaim below still covers the step
+        faults.degraded(rt, TREE_LRU, exc, "reclaim ranks the tree's entries with the rest")
 
 
 def physical_tokens_available(rt, state) -> int:
@@ -86,6 +116,7 @@ def after_prefill_adder_init(rt, result, adder, *args, **kwargs):
     if state is not None:
         mixed = _mixed_decode_tokens(args, kwargs)
         adder._evict_tokens_left = physical_tokens_available(rt, state) - mixed
+        adder._evict_tokens_start = adder._evict_tokens_left + mixed
     return result
 
 
@@ -127,6 +158,8 @@ def _admit(rt, original, adder, req, refused, *args, **kwargs):
             faults.refuse(req, ADMISSION, exc)
             return refused
         want = 1  # a request refused already: SGLang runs its one token and ends it
+    committed = getattr(adder, "_evict_tokens_start", left) - left
+    free_tree_nodes(rt, rt.cache, getattr(adder, "tree_cache", None), committed + want)
     if want > left:
         return refused
     before = getattr(req, "extend_end", None)

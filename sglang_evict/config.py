@@ -33,8 +33,10 @@ ATTENTION_BACKEND = "sglang_evict"
 # anything, including policy none (no eviction for that request).
 OVERRIDE_MODES = ("none", "clamp", "any")
 # When the pool runs short: one ranking over running requests' entries and the radix tree's
-# ("mixed"), or the tree's evictable entries first, lossless for running requests ("tree-first").
-RECLAIM_ORDERS = ("mixed", "tree-first")
+# ("mixed"); the tree's evictable entries first, lowest-scored first ("tree-first"); or SGLang's
+# LRU eviction of whole unreferenced tree nodes first ("lru-first"). The last two are lossless
+# for running requests.
+RECLAIM_ORDERS = ("mixed", "tree-first", "lru-first")
 
 # (flag, field, type)
 FLAGS: tuple[tuple[str, str, type], ...] = (

@@ -62,6 +62,21 @@ def _metrics(server) -> dict[str, float]:
     return out
 
 
+def _drained(server, seconds: int = 120) -> dict[str, float]:
+    """/metrics once the requests have drained: every head-slot free or held by the tree (the
+    gauges follow the scheduler's next step or idle round); asserted, and nothing unaccounted."""
+    for _ in range(seconds):
+        m = _metrics(server)
+        if m["sglang_evict:head_slots_free"] + m["sglang_evict:head_slots_tree"] == \
+                m["sglang_evict:head_slots_capacity"]:
+            break
+        time.sleep(1)
+    assert m["sglang_evict:head_slots_free"] + m["sglang_evict:head_slots_tree"] == \
+        m["sglang_evict:head_slots_capacity"], m
+    assert m["sglang_evict:head_slots_unaccounted"] == 0
+    return m
+
+
 def _chat(server, tokenizer, turns, max_new_tokens=24):
     """A multi-turn conversation as raw text: each turn resends the whole history."""
     history, bodies = [], []
@@ -246,14 +261,45 @@ def test_aborted_requests_with_shared_prefixes_leave_nothing_behind(radix_server
     assert outcomes.count("done") == 3
     # once the aborted ones drain (no flush: it would free everything and prove nothing), every
     # head-slot is free or held by the tree (which keeps the finished requests' prefixes)
-    for _ in range(120):
-        m = _metrics(radix_server)
-        if m["sglang_evict:head_slots_free"] + m["sglang_evict:head_slots_tree"] == \
-                m["sglang_evict:head_slots_capacity"]:
-            break
-        time.sleep(1)
-    assert m["sglang_evict:head_slots_free"] + m["sglang_evict:head_slots_tree"] == \
-        m["sglang_evict:head_slots_capacity"], m
-    assert m["sglang_evict:head_slots_unaccounted"] == 0
+    m = _drained(radix_server)
     assert m["sglang_evict:head_slots_tree"] > 0
     generate(radix_server, prefix, 4)  # and it keeps serving
+
+
+@pytest.fixture(scope="module")
+def lru_server():
+    """Streaming M=400 in a 512-token pool: a finished 300-token request stays whole in the
+    tree, so the next long prompt is short of room."""
+    from sglang_evict.server_process import ServerProcess
+
+    args = [
+        "--evict-policy", "streaming", "--evict-budget", "400", "--evict-buffer", "8",
+        "--evict-sinks", "4", "--evict-window", "8", "--evict-reclaim", "lru-first",
+        "--max-total-tokens", "512", "--chunked-prefill-size", "256",
+        "--enable-cache-report", "--enable-metrics", "--evict-debug-check", "1",
+    ]
+    with ServerProcess(args) as srv:
+        yield srv
+
+
+def test_lru_first_frees_whole_tree_nodes_before_any_lossy_reclaim(lru_server):
+    a = list(range(1000, 1300))
+    b = list(range(2000, 2250))
+    assert generate(lru_server, a, 4)["meta_info"]["cached_tokens"] == 0
+    # nothing short yet: the tree keeps A whole and serves it again
+    assert generate(lru_server, a, 4)["meta_info"]["cached_tokens"] >= 290
+    held = _metrics(lru_server)
+    assert held["sglang_evict:head_slots_tree"] >= 300 * HPT
+    # B (250 tokens) does not fit beside A: SGLang's LRU frees A's nodes whole, and the global
+    # evictor (lossy: holes) never runs
+    got = generate(lru_server, b, 4)
+    assert got["meta_info"]["completion_tokens"] == 4
+    assert got["meta_info"]["sglang_evict"]["reclaimed_head_slots"] == 0
+    after = _metrics(lru_server)
+    assert after.get("sglang_evict:reclaimed_head_slots_total", 0) == held.get(
+        "sglang_evict:reclaimed_head_slots_total", 0)
+    # A's last nodes left the tree whole (not holed): sent again, A finds at most the node of
+    # its first prefill chunk (SGLang caches a chunked prompt node by node) and computes the rest
+    again = generate(lru_server, a, 4)["meta_info"]
+    assert again["cached_tokens"] in (0, 256) and again["completion_tokens"] == 4
+    _drained(lru_server)
