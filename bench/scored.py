@@ -105,7 +105,7 @@ def add_sweep_args(p: argparse.ArgumentParser, pools: list[int], budgets: list[i
                    help="KV pools, tokens at full size")
     p.add_argument("--budgets", type=int, nargs="+", default=budgets)
     p.add_argument("--policy", default="retention-global")
-    p.add_argument("--reclaim", nargs="+", default=["mixed"],
+    p.add_argument("--reclaim", nargs="+", default=["lru-first"],
                    choices=["mixed", "tree-first", "lru-first"],
                    help="the eviction servers' --evict-reclaim orders, each its own server")
     p.add_argument("--no-vanilla", dest="vanilla", action="store_false",
@@ -126,7 +126,7 @@ def systems(args) -> list[dict]:
                         "budget": None, "args": common})
         for m in args.budgets:
             for order in args.reclaim:
-                system = f"{args.policy} M={m}" + (f" {order}" if order != "mixed" else "")
+                system = f"{args.policy} M={m}" + (f" {order}" if order != "lru-first" else "")
                 out.append({"name": f"{system} pool={pool}", "system": system, "pool": pool,
                             "budget": m, "args": common + [
                                 "--evict-policy", args.policy, "--evict-budget", str(m),

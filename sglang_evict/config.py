@@ -85,8 +85,10 @@ class EvictConfig:
     debug_check: int = 0
     # What clients may override per request (OVERRIDE_MODES); "clamp" suits a shared server.
     overrides: str = "clamp"
-    # The global evictor's order when the pool runs short (RECLAIM_ORDERS).
-    reclaim: str = "mixed"
+    # The order of reclaim when the pool runs short (RECLAIM_ORDERS). lru-first measured best
+    # in bench/scored_sessions.py: vanilla's accuracy at vanilla's requests/s where lossy
+    # reclaim of cached prefixes lost most answers (bench/README.md, "The order of reclaim").
+    reclaim: str = "lru-first"
 
     def __post_init__(self) -> None:
         if self.overrides not in OVERRIDE_MODES:

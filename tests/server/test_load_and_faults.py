@@ -65,7 +65,10 @@ def loaded_server(tmp_path_factory):
     (site / "sitecustomize.py").write_text(INJECT_FAULT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(site), os.environ.get("PYTHONPATH")) if p))
+    # mixed: the tree's entries and the running requests' in one ranking, so the pressure of
+    # the fairness test below reaches the running requests (lru-first would free the tree first)
     args = ["--evict-policy", "streaming", "--evict-budget", "16", "--evict-buffer", "8",
+            "--evict-reclaim", "mixed",
             "--max-total-tokens", str(POOL), "--enable-metrics", "--evict-debug-check", "1"]
     with ServerProcess(args, env=env) as srv:
         yield srv

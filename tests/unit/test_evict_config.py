@@ -239,7 +239,7 @@ def test_operator_switch_decides_what_a_client_may_change(monkeypatch):
 
 def test_reclaim_order_is_a_server_setting_checked_at_start_up():
     flags = ["--evict-policy", "streaming", "--evict-budget", "64"]
-    assert split_argv(flags)[0].reclaim == "mixed"
+    assert split_argv(flags)[0].reclaim == "lru-first"
     assert split_argv(flags + ["--evict-reclaim", "tree-first"])[0].reclaim == "tree-first"
     with pytest.raises(EvictConfigError,
                        match="--evict-reclaim must be one of mixed, tree-first, lru-first"):
