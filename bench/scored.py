@@ -15,6 +15,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import client
 import requests
@@ -181,6 +182,27 @@ def plot(results: list[dict], out, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def sweep(args, phases: dict[str, list[Job]], benchmark: str, settings: tuple[str, ...],
+          title: str) -> list[dict]:
+    """Every server of the sweep on `phases`, one after the other; each eviction point matched
+    to vanilla; the report (JSON at args.out, its plot beside it) written and printed. One row
+    per server and phase ("phase" only where there is more than one)."""
+    results = []
+    for spec in systems(args):
+        for phase, result in run_server(spec["name"], spec["args"], phases).items():
+            row = {k: spec[k] for k in ("name", "system", "pool", "budget")}
+            results.append(row | ({"phase": phase} if len(phases) > 1 else {}) | result)
+    matched_vanilla(results)
+    report = {"benchmark": benchmark, "settings": {k: getattr(args, k) for k in settings},
+              "servers": results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    plot(results, out.with_suffix(".png"), title)
+    print_table(results)
+    return results
 
 
 def print_table(results: list[dict]) -> None:

@@ -21,9 +21,7 @@ vanilla pool are bench/scored_sessions.py's, per phase.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 import scored
 
@@ -110,22 +108,11 @@ def main(argv=None) -> int:
                                        first=k * args.groups), phase, tokenizer,
                           args.answer_tokens)
               for k, phase in enumerate(PHASES)}
-    results = []
-    for spec in scored.systems(args):
-        for phase, result in scored.run_server(spec["name"], spec["args"], phases).items():
-            results.append({k: spec[k] for k in ("name", "system", "pool", "budget")}
-                           | {"phase": phase} | result)
-    scored.matched_vanilla(results)
-    report = {"benchmark": "scored_context", "settings": {
-        k: getattr(args, k) for k in ("groups", "needles", "words", "answer_tokens", "policy",
-                                      "buffer", "seed", "quick", "reclaim", "vanilla")},
-        "servers": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    scored.plot(results, out.with_suffix(".png"), f"{args.groups} documents of {args.words} "
-                f"words per phase, {args.needles} questions each")
-    scored.print_table(results)
+    scored.sweep(args, phases, "scored_context",
+                 ("groups", "needles", "words", "answer_tokens", "policy", "buffer", "seed",
+                  "quick", "reclaim", "vanilla"),
+                 f"{args.groups} documents of {args.words} words per phase, "
+                 f"{args.needles} questions each")
     return 0
 
 

@@ -22,9 +22,7 @@ point the table names the smallest vanilla pool that reaches its accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 import scored
 
@@ -116,21 +114,11 @@ def main(argv=None) -> int:
                               args.seed)
     jobs = [lambda url, s=s: run_session(url, tokenizer, s, args.new_tokens, args.answer_tokens)
             for s in sessions]
-    results = []
-    for spec in scored.systems(args):
-        result = scored.run_server(spec["name"], spec["args"], {"sessions": jobs})["sessions"]
-        results.append({k: spec[k] for k in ("name", "system", "pool", "budget")} | result)
-    scored.matched_vanilla(results)
-    report = {"benchmark": "scored_sessions", "settings": {
-        k: getattr(args, k) for k in ("sessions", "facts", "passages", "words", "asks",
-                                      "new_tokens", "answer_tokens", "policy", "buffer", "seed",
-                                      "quick", "reclaim", "vanilla")}, "servers": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    scored.plot(results, out.with_suffix(".png"), f"{args.sessions} scored sessions, "
-                f"{args.facts} facts, {args.passages} passages, {args.asks} asks each")
-    scored.print_table(results)
+    scored.sweep(args, {"sessions": jobs}, "scored_sessions",
+                 ("sessions", "facts", "passages", "words", "asks", "new_tokens",
+                  "answer_tokens", "policy", "buffer", "seed", "quick", "reclaim", "vanilla"),
+                 f"{args.sessions} scored sessions, {args.facts} facts, {args.passages} "
+                 f"passages, {args.asks} asks each")
     return 0
 
 

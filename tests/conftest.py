@@ -62,7 +62,10 @@ def test_gates_path(trained_test_gates):
     return trained_test_gates[1]
 
 
-@pytest.fixture(scope="session")
+# Servers used by one module live for that module only: every server's scheduler holds about
+# 4.5 GB here, and a suite that kept them all alive ran this 24 GB machine out of memory (the
+# kernel killed a scheduler, and the next server's start-up starved).
+@pytest.fixture(scope="module")
 def gated_server(test_gates_path):
     from sglang_evict.server_process import ServerProcess
 
@@ -70,7 +73,7 @@ def gated_server(test_gates_path):
         yield srv
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gated_triton_server(test_gates_path):
     """Gates stored by the Triton kernel (run by Triton's interpreter on CPU)."""
     import os

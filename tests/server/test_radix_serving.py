@@ -13,6 +13,8 @@ import requests
 
 from serving_client import generate
 
+# One test each uses none_radix_server, haystack_server and lru_server: function-scoped, so
+# at most the session's vanilla server, radix_server and one of them are alive at once.
 LAYERS, KV_HEADS = 30, 3
 HPT = LAYERS * KV_HEADS
 BUDGET, BUFFER = 48, 8
@@ -43,7 +45,7 @@ def radix_server():
         yield srv
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def none_radix_server():
     from sglang_evict.server_process import ServerProcess
 
@@ -151,7 +153,7 @@ def _question(tokenizer, key) -> list[int]:
                      f"for {key} is:", add_special_tokens=False)["input_ids"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def haystack_server(hf_model):
     """The radix server's eviction settings, with prefill chunks the context's length: a
     request that carries the context and its question alone compresses the context at the
@@ -266,7 +268,7 @@ def test_aborted_requests_with_shared_prefixes_leave_nothing_behind(radix_server
     generate(radix_server, prefix, 4)  # and it keeps serving
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lru_server():
     """Streaming M=400 in a 512-token pool: a finished 300-token request stays whole in the
     tree, so the next long prompt is short of room."""
