@@ -24,6 +24,21 @@ from intervals import bootstrap_ci
 Job = Callable[[str], list[dict]]
 
 
+def draw_secrets(rng, key_space: list[str], n: int) -> tuple[list[str], list[str]]:
+    """`n` distinct keys of the eval split's key space and a 7-digit value of the eval split
+    for each."""
+    from sglang_evict.training.data.ruler_builders import draw_in_split
+
+    keys: list[str] = []
+    while len(keys) < n:
+        k = key_space[rng.randrange(len(key_space))]
+        if k not in keys:
+            keys.append(k)
+    values = [draw_in_split(rng, lambda r: str(r.randint(10**6, 10**7 - 1)), "eval")
+              for _ in keys]
+    return keys, values
+
+
 def is_right(reply: str, digits: str) -> bool:
     """The reply states the digits (as a number of its own, not inside a longer one)."""
     return re.search(rf"(?<!\d){digits}(?!\d)", reply) is not None

@@ -36,7 +36,7 @@ PHASES = ("at once", "in sequence")
 def build_groups(n: int, needles: int, words: int, seed: int, first: int = 0) -> list[dict]:
     """Groups `first`..`first + n - 1` of the eval split: each a document with `needles`
     needles and, per needle, its question and the digits the reply must state."""
-    from sglang_evict.training.data.ruler_builders import draw_in_split, essay_window
+    from sglang_evict.training.data.ruler_builders import essay_window
     from sglang_evict.training.data.ruler_scripts import ruler_scripts
     from sglang_evict.training.data.splits import sample_seed
 
@@ -47,13 +47,7 @@ def build_groups(n: int, needles: int, words: int, seed: int, first: int = 0) ->
         key_space = s.keys("eval")
         for i in range(first, first + n):
             rng = random.Random(sample_seed("eval", "scored_context", words, seed, i))
-            keys: list[str] = []
-            while len(keys) < needles:
-                k = key_space[rng.randrange(len(key_space))]
-                if k not in keys:
-                    keys.append(k)
-            values = [draw_in_split(rng, lambda r: str(r.randint(10**6, 10**7 - 1)), "eval")
-                      for _ in keys]
+            keys, values = scored.draw_secrets(rng, key_space, needles)
             text = list(essay_window(s, "eval", rng, words))
             ends = [j + 1 for j, w in enumerate(text) if w.endswith((".", "?", "!"))]
             ends = ends or list(range(1, len(text) + 1))

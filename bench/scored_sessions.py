@@ -36,7 +36,7 @@ def build_sessions(n: int, facts: int, passages: int, words: int, asks: int, see
                    tokenizer_path: str | None = None) -> list[dict]:
     """`n` sessions of the eval split: each a list of user turns and, per scored turn, the
     digits its reply must contain."""
-    from sglang_evict.training.data.ruler_builders import draw_in_split, essay_window
+    from sglang_evict.training.data.ruler_builders import essay_window
     from sglang_evict.training.data.ruler_scripts import ruler_scripts
     from sglang_evict.training.data.splits import sample_seed
 
@@ -49,21 +49,15 @@ def build_sessions(n: int, facts: int, passages: int, words: int, asks: int, see
         key_space = s.keys("eval")
         for i in range(n):
             rng = random.Random(sample_seed("eval", "scored_sessions", words, seed, i))
-            keys: list[str] = []
-            while len(keys) < facts:
-                k = key_space[rng.randrange(len(key_space))]
-                if k not in keys:
-                    keys.append(k)
-            values = [draw_in_split(rng, lambda r: str(r.randint(10**6, 10**7 - 1)), "eval")
-                      for _ in keys]
+            keys, values = scored.draw_secrets(rng, key_space, facts)
             text = essay_window(s, "eval", rng, passages * words)
             turns = [FACT.format(key=k, value=v) for k, v in zip(keys, values)]
             turns += [PASSAGE.format(text=" ".join(text[j * words:(j + 1) * words]))
                       for j in range(passages)]
             asked = rng.sample(range(facts), asks)
-            scored = {len(turns) + j: values[a] for j, a in enumerate(asked)}
+            asks_at = {len(turns) + j: values[a] for j, a in enumerate(asked)}
             turns += [ASK.format(key=keys[a]) for a in asked]
-            out.append({"index": i, "turns": turns, "scored": scored})
+            out.append({"index": i, "turns": turns, "scored": asks_at})
     return out
 
 
