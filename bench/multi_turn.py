@@ -18,11 +18,11 @@ import argparse
 import concurrent.futures as cf
 import json
 import random
-import re
 import time
 from pathlib import Path
 
 import client
+import figures
 import requests
 from server_plot import plot_servers
 from side_by_side import add_pair_arguments, pair_server_args, write_pair
@@ -59,11 +59,6 @@ def session(url: str, seed: int, turns: int, user_tokens: int, new_tokens: int) 
     return out
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else None
-
-
 def run_server(name: str, sargs: list[str], args) -> dict:
     from sglang_evict.server_process import ServerProcess
 
@@ -78,26 +73,16 @@ def run_server(name: str, sargs: list[str], args) -> dict:
         log = srv.log_path.read_text(errors="replace")
     reqs = [r for run in runs for r in run]
     done = [r for r in reqs if r["ok"]]
-    lat = [r["latency"] for r in done]
-    ttft = [r["ttft"] for r in done]
     itl = [x for r in done for x in r["itl"]]
-    running = [int(m) for m in re.findall(r"#running-req: (\d+)", log)]
     result = {
         "server_args": sargs,
         "requests": len(done),
         "failed": len(reqs) - len(done),
         "wall_s": wall,
-        "requests_per_s": len(done) / wall,
-        "output_tokens_per_s": sum(r["completion"] for r in done) / wall,
-        "latency_p50_s": _pct(lat, 0.5),
-        "latency_p99_s": _pct(lat, 0.99),
-        "ttft_p50_s": _pct(ttft, 0.5),
-        "ttft_p99_s": _pct(ttft, 0.99),
-        "itl_p50_ms": 1000 * _pct(itl, 0.5) if itl else None,
-        "itl_p99_ms": 1000 * _pct(itl, 0.99) if itl else None,
-        "prefix_hit_rate": (sum(r["cached"] for r in done) / max(1, sum(r["prompt"] for r in done))),
-        "max_running": max(running) if running else 0,
-        "retractions": log.count("KV cache pool is full. Retract requests."),
+        **figures.request_figures(done, wall),
+        "itl_p50_ms": 1000 * figures.percentile(itl, 0.5) if itl else None,
+        "itl_p99_ms": 1000 * figures.percentile(itl, 0.99) if itl else None,
+        **figures.log_figures(log),
     }
     print(json.dumps({name: result}), flush=True)
     return result

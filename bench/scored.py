@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import client
+import figures
 import requests
 from intervals import bootstrap_ci
 
@@ -67,30 +68,17 @@ def ask(url: str, tokenizer, messages: list[dict], max_new_tokens: int,
             **({"expected": expected} if expected is not None else {})}
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else None
-
-
 def summarise(turns: list[dict], wall: float, log: str) -> dict:
     """A phase's figures from its turns, its wall time and its stretch of the server log."""
     done = [t for t in turns if t["ok"]]
     scored = [float(t["right"]) for t in turns if t["scored"]]
     lo, hi = bootstrap_ci(scored)
-    running = [int(n) for n in re.findall(r"Decode batch.*?#running-req: (\d+)", log)]
     return {
         "accuracy": sum(scored) / len(scored), "accuracy_ci95": [lo, hi],
         "scored_turns": len(scored), "right": int(sum(scored)),
         "requests": len(done), "failed": len(turns) - len(done), "wall_s": wall,
-        "requests_per_s": len(done) / wall,
-        "output_tokens_per_s": sum(t["completion"] for t in done) / wall,
-        "latency_p50_s": _pct([t["latency"] for t in done], 0.5),
-        "latency_p99_s": _pct([t["latency"] for t in done], 0.99),
-        "ttft_p50_s": _pct([t["ttft"] for t in done], 0.5),
-        "ttft_p99_s": _pct([t["ttft"] for t in done], 0.99),
-        "prefix_hit_rate": sum(t["cached"] for t in done) / max(1, sum(t["prompt"] for t in done)),
-        "max_running": max(running) if running else 0,
-        "retractions": log.count("KV cache pool is full. Retract requests."),
+        **figures.request_figures(done, wall),
+        **figures.log_figures(log, running=r"Decode batch.*?#running-req: (\d+)"),
         "answers": [{"reply": t["reply"], "expected": t["expected"], "right": t["right"]}
                     for t in done if t["scored"]],
     }

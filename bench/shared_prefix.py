@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import figures
 from server_plot import plot_servers
 from side_by_side import add_pair_arguments, pair_server_args, write_pair
 
@@ -52,14 +53,12 @@ def run_server(name: str, sargs: list[str], args, model: str) -> dict:
         log = srv.log_path.read_text(errors="replace")
     prefill = re.findall(r"Prefill batch.*?#new-token: (\d+), #cached-token: (\d+)", log)
     new, cached = (sum(int(p[i]) for p in prefill) for i in (0, 1))
-    running = [int(m) for m in re.findall(r"#running-req: (\d+)", log)]
     result = {k: bench.get(k) for k in KEEP}
     result.update({
         "server_args": sargs,
-        "max_running": max(running) if running else 0,
         "prefix_hit_rate": cached / max(1, new + cached),
         "prefill_tokens_computed": new,
-        "retractions": log.count("KV cache pool is full. Retract requests."),
+        **figures.log_figures(log),
     })
     print(json.dumps({name: result}), flush=True)
     return result

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import figures
 import requests
 
 POOL = 256
@@ -211,7 +212,7 @@ def main() -> None:
         alive = srv.proc.poll() is None
     report = summary(results, elapsed)
     report.update(memory=sampler.trend(), server_alive=alive, server_args=SERVER_ARGS,
-                  retractions=log.count("KV cache pool is full. Retract requests."),
+                  retractions=log.count(figures.RETRACTION),
                   reclaims=log.count("sglang-evict: reclaimed"),
                   unbalanced=log.count("head-slots are neither free"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

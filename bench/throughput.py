@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import client
+import figures
 from tqdm import tqdm
 
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
             "wall_s": wall,
             "output_tokens": tokens,
             "output_tokens_per_s": tokens / wall,
-            "retraction_events": text.count("KV cache pool is full. Retract requests."),
+            "retraction_events": text.count(figures.RETRACTION),
             "request_retractions": sum(m.get("num_retractions", 0) for m in metas),
             "finish_reasons": sorted({m["finish_reason"]["type"] for m in metas}),
         }
