@@ -103,7 +103,8 @@ def after_alloc_memory_pool(rt, result, runner, *args, **kwargs):
         max_row_len=runner.req_to_token_pool.req_to_token.shape[1],
         debug_check=bool(cfg.debug_check),
         use_triton=cfg.use_triton(pool.device),
-        reclaim=cfg.reclaim,
+        # lru-first is SGLang's tree eviction, driven at admission (evict_admission)
+        tree_first=cfg.reclaim == "tree-first",
     )
     _fit_running(runner, cfg, evictor is not None, n)
     rt.prefill_chunk = _check_fits(runner, state, n)

@@ -25,7 +25,7 @@ def make_cache(capacity_tokens, L, H, D, *, policy="streaming", budget=4, buffer
         num_virtual=512, num_layers=L, num_kv_heads=H, head_dim=D, v_head_dim=D,
         capacity=capacity_tokens * L * H, dtype=torch.float32, device="cpu", evictor=evictor,
         num_rows=rows, max_row_len=256, page_size=4, debug_check=True, use_triton=use_triton,
-        reclaim=reclaim,
+        tree_first=reclaim == "tree-first",
     )
 
 

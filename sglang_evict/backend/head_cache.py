@@ -67,7 +67,7 @@ class HeadKVCache:
         page_size: int = 16,
         debug_check: bool = False,
         use_triton: bool = False,
-        reclaim: str = "mixed",
+        tree_first: bool = False,
     ):
         self.device = torch.device(device)
         self.pool = HeadSlotPool(num_virtual, num_layers, num_kv_heads, capacity, self.device)
@@ -95,7 +95,7 @@ class HeadKVCache:
         self.requests = RequestEvictors(self, evictor, num_rows)
         self.global_evictor = GlobalEvictor(self, self.requests,
                                             select_keep if use_triton else None,
-                                            tree_first=reclaim == "tree-first")
+                                            tree_first=tree_first)
         self.meta = StepMetadata(self.lists, num_layers, num_kv_heads, capacity, self.device,
                                  use_triton)
         self.new_slots: torch.Tensor | None = None  # [T, L, H] of the current step
