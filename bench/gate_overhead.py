@@ -3,13 +3,13 @@
     .venv/bin/python bench/gate_overhead.py server   # two real servers, default model, CPU
     .venv/bin/python bench/gate_overhead.py shapes   # gate + store at a 4B-class shape
 
-`server`: a vanilla server and a server with gates attached (eviction off) run at the same
-time; rounds alternate between them, so machine noise hits both alike. Decode time per token
+`server`: a vanilla server and a server with gates attached (the head-slot backend, eviction
+off: policy none) run at the same time; rounds alternate between them, so machine noise hits both alike. Decode time per token
 is (t(1 + n tokens) - t(1 token)) / n for the same prompt, taken as the median over rounds.
 
 `shapes`: one decode step of a Qwen3-4B-like model (36 layers, hidden 2560, 32 query / 8 KV
 heads, head_dim 128, MLP 9728) as its dense matmuls plus the KV store, with and without the
-gate MLP and the one-pass K/V/log-beta/position store. Runs on CUDA when present (the
+gate MLP and the one-pass K/V/log-beta/position store into head-slots. Runs on CUDA when present (the
 Triton store kernel compiled for real), else on CPU with the torch reference store.
 
 Results go to bench/results/gate_overhead_<mode>.json.
@@ -92,14 +92,14 @@ def bench_shapes(args) -> dict:
     import torch
 
     from sglang_evict.gates.modules import GateConfig, RetentionGates
-    from sglang_evict.kernels import kv_store
+    from sglang_evict.kernels import head_store
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     L, d, hq, hkv, hd, ffn = 36, 2560, 32, 8, 128, 9728
     B, slots = args.batch, args.slots
-    store = kv_store.store_kv_scores if cuda else kv_store.store_kv_scores_reference
+    store = head_store.store_head_slots if cuda else head_store.store_head_slots_reference
     torch.manual_seed(0)
     w = {
         "qkv": torch.randn(d, (hq + 2 * hkv) * hd, device=device, dtype=dtype) * 0.02,
@@ -108,12 +108,13 @@ def bench_shapes(args) -> dict:
         "down": torch.randn(ffn, d, device=device, dtype=dtype) * 0.02,
     }
     gates = RetentionGates(GateConfig(hidden_size=d, num_layers=L, num_kv_heads=hkv), device=device)
-    k_cache = torch.zeros(slots, 1, hkv, hd, device=device, dtype=dtype)
-    v_cache = torch.zeros_like(k_cache)
-    lb_cache = torch.zeros(slots, 1, hkv, device=device)
-    pos_cache = torch.zeros(slots, 1, dtype=torch.long, device=device)
+    # head-slots: one row per (token, KV head); the batch's tokens own random ones
+    k_slots = torch.zeros(slots * hkv, hd, device=device, dtype=dtype)
+    v_slots = torch.zeros_like(k_slots)
+    lb_slots = torch.zeros(slots * hkv, device=device)
+    pos_slots = torch.zeros(slots * hkv, dtype=torch.long, device=device)
     x = torch.randn(B, d, device=device, dtype=dtype)
-    loc = torch.randperm(slots, device=device)[:B]
+    slot = torch.randperm(slots * hkv, device=device)[:B * hkv].view(B, hkv)
     positions = torch.arange(B, device=device) + 1000
 
     def step(with_gates: bool):
@@ -124,10 +125,10 @@ def bench_shapes(args) -> dict:
             v = qkv[:, (hq + hkv) * hd:].view(B, hkv, hd)
             if with_gates:
                 log_beta = gates.forward_layer(layer, h)
-                store(k_cache, v_cache, lb_cache, pos_cache, k, v, log_beta, positions, loc)
-            else:  # SGLang's own store: an index copy of K and V
-                k_cache.view(slots, hkv, hd)[loc] = k
-                v_cache.view(slots, hkv, hd)[loc] = v
+                store(k_slots, v_slots, lb_slots, pos_slots, k, v, log_beta, positions, slot)
+            else:  # a plain store: an index copy of K and V
+                k_slots[slot.view(-1)] = k.reshape(-1, hd)
+                v_slots[slot.view(-1)] = v.reshape(-1, hd)
             h = h + qkv[:, : hq * hd] @ w["o"]
             g, u = (h @ w["gate_up"]).chunk(2, dim=-1)
             h = h + (torch.nn.functional.silu(g) * u) @ w["down"]

@@ -84,13 +84,20 @@ def summarise(turns: list[dict], wall: float, log: str) -> dict:
     }
 
 
-def run_server(name: str, sargs: list[str], phases: dict[str, list[Job]]) -> dict[str, dict]:
-    """One server; each phase's jobs at once, the phases in order; per phase its figures."""
+def start_server(sargs: list[str]):
+    """A fresh server for `sargs`, stopped when the `with` block ends."""
     from sglang_evict.server_process import ServerProcess
 
+    return ServerProcess(sargs, startup_timeout=900)
+
+
+def run_server(name: str, sargs: list[str], phases: dict[str, list[Job]],
+               serve=start_server) -> dict[str, dict]:
+    """One server (`serve(sargs)`, a context manager giving it); each phase's jobs at once,
+    the phases in order; per phase its figures."""
     print(f"{name}: {' '.join(sargs)}", flush=True)
     out = {}
-    with ServerProcess(sargs, startup_timeout=900) as srv:
+    with serve(sargs) as srv:
         for phase, jobs in phases.items():
             start = len(srv.log_path.read_text(errors="replace"))
             t0 = time.perf_counter()
@@ -188,13 +195,14 @@ def plot(results: list[dict], out, title: str) -> None:
 
 
 def sweep(args, phases: dict[str, list[Job]], benchmark: str, settings: tuple[str, ...],
-          title: str) -> list[dict]:
-    """Every server of the sweep on `phases`, one after the other; each eviction point matched
-    to vanilla; the report (JSON at args.out, its plot beside it) written and printed. One row
-    per server and phase ("phase" only where there is more than one)."""
+          title: str, serve=start_server) -> list[dict]:
+    """Every server of the sweep on `phases`, one after the other (each from `serve`, fresh by
+    default); each eviction point matched to vanilla; the report (JSON at args.out, its plot
+    beside it) written and printed. One row per server and phase ("phase" only where there is
+    more than one)."""
     results = []
     for spec in systems(args):
-        for phase, result in run_server(spec["name"], spec["args"], phases).items():
+        for phase, result in run_server(spec["name"], spec["args"], phases, serve).items():
             row = {k: spec[k] for k in ("name", "system", "pool", "budget")}
             results.append(row | ({"phase": phase} if len(phases) > 1 else {}) | result)
     matched_vanilla(results)

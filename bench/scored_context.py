@@ -78,7 +78,9 @@ def jobs(groups: list[dict], phase: str, tokenizer, answer_tokens: int) -> list[
     return [lambda url, g=g: [t for q in g["questions"] for t in one(url, g, q)] for g in groups]
 
 
-def main(argv=None) -> int:
+def main(argv=None, serve=scored.start_server) -> int:
+    """`serve(server_args)`: a context manager giving the server for each system of the sweep
+    (a fresh one by default)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--groups", type=int, default=4, help="documents per phase")
     p.add_argument("--needles", type=int, default=6, help="needles, and questions, per document")
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
                  ("groups", "needles", "words", "answer_tokens", "policy", "buffer", "seed",
                   "quick", "reclaim", "vanilla"),
                  f"{args.groups} documents of {args.words} words per phase, "
-                 f"{args.needles} questions each")
+                 f"{args.needles} questions each", serve)
     return 0
 
 

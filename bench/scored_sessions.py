@@ -82,7 +82,9 @@ def run_session(url: str, tokenizer, session: dict, new_tokens: int,
     return out
 
 
-def main(argv=None) -> int:
+def main(argv=None, serve=scored.start_server) -> int:
+    """`serve(server_args)`: a context manager giving the server for each system of the sweep
+    (a fresh one by default)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sessions", type=int, default=12)
     p.add_argument("--facts", type=int, default=2)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
                  ("sessions", "facts", "passages", "words", "asks", "new_tokens",
                   "answer_tokens", "policy", "buffer", "seed", "quick", "reclaim", "vanilla"),
                  f"{args.sessions} scored sessions, {args.facts} facts, {args.passages} "
-                 f"passages, {args.asks} asks each")
+                 f"passages, {args.asks} asks each", serve)
     return 0
 
 

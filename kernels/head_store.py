@@ -1,7 +1,7 @@
 """Store one layer's new tokens into head-granular buffers in one pass.
 
-Head-granular sibling of `kv_store.store_kv_scores`. Buffers (shared by every layer and KV head;
-one row = one token's K or V for one layer and one KV head, see `sglang_evict.cache.head_slots`):
+Buffers (shared by every layer and KV head; one row = one token's K or V for one layer and one
+KV head, see `sglang_evict.cache.head_slots`):
     k_slots, v_slots   [capacity, head_dim]   float32 / float16 / bfloat16
     log_beta_slots     [capacity]             float32
     pos_slots          [capacity]             int64
@@ -25,15 +25,84 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_evict.kernels.kv_store import (
-    _cast_exact,
-    _check_dtypes_and_device,
-    _check_shape,
-    _kernel_sources,
-    _store_grid,
-)
-
 __all__ = ["store_head_slots", "store_head_slots_reference", "store_head_slots_torch"]
+
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+# Elements of one (token block x head_dim) tile: big enough to amortise the launch, small enough
+# to stay in registers for head_dim up to 256.
+_TILE_ELEMENTS = 2048
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, found {tuple(t.shape)}")
+
+
+def _check_dtypes_and_device(
+    args: dict[str, torch.Tensor], k_name: str, v_name: str, lb_name: str, pos_name: str,
+    index_name: str,
+) -> None:
+    for name in (k_name, v_name):
+        if args[name].dtype not in _CACHE_DTYPES:
+            raise ValueError(f"{name}: expected dtype in {_CACHE_DTYPES}, found {args[name].dtype}")
+    k_dtype, v_dtype = args[k_name].dtype, args[v_name].dtype
+    if v_dtype != k_dtype:
+        raise ValueError(f"{v_name}: expected dtype {k_dtype} (as {k_name}), found {v_dtype}")
+    if args[lb_name].dtype != torch.float32:
+        raise ValueError(f"{lb_name}: expected dtype torch.float32, found {args[lb_name].dtype}")
+    if args[pos_name].dtype != torch.int64:
+        raise ValueError(f"{pos_name}: expected dtype torch.int64, found {args[pos_name].dtype}")
+    for name in ("k", "v", "log_beta"):
+        if not args[name].dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating dtype, found {args[name].dtype}")
+    for name in ("positions", index_name):
+        if args[name].dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name}: expected dtype in {_INDEX_DTYPES}, found {args[name].dtype}")
+    device = args[k_name].device
+    for name, t in args.items():
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (as {k_name}), found {t.device}")
+
+
+def _kernel_sources(k, v, log_beta, cache_dtype):
+    # Sources the model never produces on the hot path (float64, float8) are cast by torch first:
+    # one rounding, as the reference does, and the kernels only handle the three cache dtypes.
+    if k.dtype not in _CACHE_DTYPES:
+        k = k.to(cache_dtype)
+    if v.dtype not in _CACHE_DTYPES:
+        v = v.to(cache_dtype)
+    if log_beta.dtype not in _CACHE_DTYPES:
+        log_beta = log_beta.to(torch.float32)
+    return k, v, log_beta
+
+
+def _store_grid(T: int, num_heads: int, head_dim: int):
+    """(grid, BLOCK_T, BLOCK_D) of a store launch: one program per (token block, KV head)."""
+    BLOCK_D = triton.next_power_of_2(head_dim)
+    BLOCK_T = max(1, min(_TILE_ELEMENTS // BLOCK_D, triton.next_power_of_2(T)))
+    return (triton.cdiv(T, BLOCK_T), num_heads), BLOCK_T, BLOCK_D
+
+
+@triton.jit
+def _cast_exact(x, DST: tl.constexpr):
+    """Cast x (float32/float16/bfloat16) to DST with torch's result: round to nearest even.
+
+    The bfloat16 legs are done on bits because Triton 3.8's interpreter truncates float32 ->
+    bfloat16 and mishandles bfloat16 subnormals; on a GPU the bit version costs a few integer
+    ops on a memory-bound copy and gives what the hardware conversion gives."""
+    if x.dtype == tl.bfloat16 and DST != tl.bfloat16:
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    if DST == tl.bfloat16 and x.dtype != tl.bfloat16:
+        x = x.to(tl.float32)  # float16 -> float32 is exact
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1)).to(tl.uint32)) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)  # NaN stays a quiet NaN (torch: 0x7FC0)
+        x = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(DST)
+
+
 
 
 def _validate(k_slots, v_slots, log_beta_slots, pos_slots, k, v, log_beta, positions, slot) -> int:

@@ -8,8 +8,8 @@
 - ModelRunner.alloc_memory_pool (AFTER): build the HeadKVCache, after checking that the model's
   attention is one the kernels implement, capping the running requests the user left open to
   what the pool holds at budget, and checking that one step always fits.
-(DefaultPoolConfigurator._compute_cell_size, in gate_scores, adds the head-slot metadata and the
-virtual map to the per-token cost, so one memory budget covers everything.)
+- DefaultPoolConfigurator._compute_cell_size (AROUND): add the head-slot metadata and the virtual
+  map to SGLang's per-token cost, so one memory budget covers everything.
 """
 
 from __future__ import annotations
@@ -25,6 +25,19 @@ logger = logging.getLogger(__name__)
 DERIVE_SIZES = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._derive_pool_sizes"
 CREATE_BUFFERS = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers"
 ALLOC_POOL = "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool"
+CELL_SIZE = (
+    "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"
+)
+
+
+def around_cell_size(rt, original, configurator, kvc, num_layers, *args, **kwargs):
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_evict.sizing import bytes_per_token
+
+    cell = original(configurator, kvc, num_layers, *args, **kwargs)
+    heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    return cell + bytes_per_token(num_layers, heads, rt.config.virtual_factor)
 
 
 def check_model(model_config) -> None:
@@ -162,6 +175,7 @@ def _check_fits(runner, state, n: int) -> int:
 
 
 def register(registry, hook_type, rt) -> None:
+    registry.register(CELL_SIZE, bind(rt, around_cell_size), hook_type.AROUND)
     registry.register(DERIVE_SIZES, bind(rt, around_derive_pool_sizes), hook_type.AROUND)
     registry.register(CREATE_BUFFERS, around_create_buffers, hook_type.AROUND)
     registry.register(ALLOC_POOL, bind(rt, after_alloc_memory_pool), hook_type.AFTER)

@@ -6,8 +6,8 @@ Targets sglang 0.5.23 (each target is checked by tests/unit/test_upstream_guards
   normalised hidden state entering attention (Llama, Qwen2, Qwen3 and Mistral all call
   `self_attn(positions=, hidden_states=, forward_batch=)` after the input layernorm), so one
   mechanism serves every family without forking a model file.
-(The score store of the gates-only mode is gate_scores.py; per-request statistics in the
-response, request_meta.py.)
+The sglang_evict attention backend stores each layer's log beta beside its K and V in the
+head-slots (pending until that layer's KV write); per-request statistics: request_meta.py.
 """
 
 from __future__ import annotations
@@ -32,35 +32,20 @@ class GateAttachError(RuntimeError):
 
 
 class GateAttachment:
-    """Process-wide state of one served model: its gates, score store and pending scores.
+    """Process-wide state of one served model: its gates and pending scores.
 
-    `pending[layer_id]` holds (log_beta, positions) from the layer's pre-hook until the KV write
-    of the same layer consumes it; a write path that bypasses `_store_kv_layer` (fused rope+store
-    kernels on some GPUs) is caught by the post-hook, which stores the scores on their own."""
+    `pending[layer_id]` holds (log_beta, positions) from the layer's pre-hook until the backend's
+    KV write of the same layer consumes it; the post-hook drops what no write consumed."""
 
     def __init__(self, config: EvictConfig, gates, num_layers: int, num_kv_heads: int):
         self.config = config
         self.gates = gates
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
-        self.store = None  # the gates-only mode's ScoreStore (gate_scores.py)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.unfused_writes = 0
         # Token-layers of extend forwards whose gates ran (the shape, a host int): what a
         # prefix hit saves is visible as gates not run.
         self.gated_prompt_token_layers = 0
-        self._store_fn = None
-
-    def store_fn(self, device: torch.device):
-        if self._store_fn is None:
-            from sglang_evict.kernels import kv_store
-
-            self._store_fn = (
-                kv_store.store_kv_scores
-                if self.config.use_triton(device)
-                else kv_store.store_kv_scores_reference
-            )
-        return self._store_fn
 
 
 # ------------------------------------------------------------------ attaching to the model
@@ -118,18 +103,8 @@ def _make_hooks(state: GateAttachment, layer_id: int):
         return None
 
     def post_hook(module, args, kwargs, output):
-        left = state.pending.pop(layer_id, None)
-        if left is None or state.store is None:
-            return None
-        # The KV write of this layer did not pass through _store_kv_layer: store scores alone.
-        loc = _bound(args, kwargs, "forward_batch").out_cache_loc
-        log_beta, positions = left
-        n = loc.shape[0]
-        keep = loc >= 0
-        slots = loc[keep].long()
-        state.store.log_beta_flat(layer_id)[slots] = log_beta[:n][keep]
-        state.store.pos.view(-1)[slots] = positions[:n][keep].long()
-        state.unfused_writes += 1
+        # A forward that wrote no KV (save_kv_cache off) leaves its scores: none may go stale.
+        state.pending.pop(layer_id, None)
         return None
 
     return pre_hook, post_hook

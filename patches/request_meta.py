@@ -1,7 +1,7 @@
 """Per-request statistics in the response's meta_info["sglang_evict"]. Targets sglang 0.5.23
 (checked by tests/unit/test_upstream_guards.py):
-- release_kv_cache (BEFORE): the request's eviction statistics (and, in the gates-only mode, its
-  scores read from the score store), taken when SGLang releases its KV.
+- release_kv_cache (BEFORE): the request's eviction statistics (and, with gates attached, the
+  mean log beta of its entries when it held them all), taken when SGLang releases its KV.
 - Scheduler.get_output_streamer_class (AROUND): they ride the output streamer's per-request
   customized info.
 - TokenizerManager.update_request_meta_info (AROUND): that entry is one object. SGLang's
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from sglang_evict.cache.score_store import ScoreStore
 from sglang_evict.patches import evict_step, faults
 from sglang_evict.patches.runtime import bind
 
@@ -29,13 +28,13 @@ MAX_PENDING_STATS = 4096
 # are kept.
 
 
-def request_stats(store: ScoreStore, slots: torch.Tensor) -> dict:
-    log_beta, _ = store.read(slots)  # [L, n, H]
-    per_head = log_beta.double().mean(dim=1) if slots.numel() else log_beta.new_zeros(
-        store.num_layers, store.num_kv_heads, dtype=torch.float64
+def request_stats(log_beta: torch.Tensor) -> dict:
+    """The gates' scores of a request's entries, log_beta [L, n, H], averaged over its tokens."""
+    per_head = log_beta.double().mean(dim=1) if log_beta.shape[1] else log_beta.new_zeros(
+        log_beta.shape[0], log_beta.shape[2], dtype=torch.float64
     )
     return {
-        "scored_tokens": int(slots.numel()),
+        "scored_tokens": int(log_beta.shape[1]),
         "mean_log_beta_per_layer": per_head.mean(dim=1).tolist(),
         "mean_log_beta_per_layer_head": per_head.tolist(),
     }
@@ -58,12 +57,13 @@ def _take_stats(rt, req, row: int, tree_cache) -> None:
     if not req.finished():
         return
     entry = dict(evict_stats or {})
-    state = rt.gates
-    if state is not None and state.store is not None:
-        # The last sampled token has no KV yet; committed KV is what the score store covers.
+    if rt.gates is not None and rt.cache is not None:
+        # The last sampled token has no KV yet: committed KV is what was scored. A request that
+        # lost entries to eviction reports none (a mean over survivors would mislead).
         n = req.kv.kv_committed_len
-        slots = tree_cache.req_to_token_pool.req_to_token[row, :n]
-        entry.update(request_stats(state.store, slots))
+        log_beta = rt.cache.log_beta_of(tree_cache.req_to_token_pool.req_to_token[row, :n])
+        if log_beta is not None:
+            entry.update(request_stats(log_beta))
     if not entry:
         return
     pending = rt.finished_stats

@@ -67,7 +67,7 @@ class EvictConfig:
     # interpreter is far too slow for a serving hot path. "flashinfer": FlashInfer's paged
     # attention over the same lists (CUDA), Triton for the rest.
     kernel: str = "auto"
-    # Head-granular eviction (None = SGLang's own KV pool, no eviction).
+    # Head-granular eviction (None = SGLang's own KV pool, no eviction; with gates, "none").
     policy: str | None = None
     budget: int | None = None  # M: head-slots per (layer, KV head) a request keeps
     buffer: int = 128  # B: eviction triggers above M + B
@@ -117,7 +117,11 @@ class EvictConfig:
                     f"{', '.join(tuned)} without --evict-policy: choose a policy "
                     f"({', '.join(POLICY_CHOICES)})"
                 )
-            return
+            if self.gates is None:
+                return
+            # Gates alone: the head-slot backend scores every entry and evicts none, the one
+            # data path of every mode (docs/layout.md, "One data path").
+            object.__setattr__(self, "policy", "none")
         if self.policy not in POLICY_CHOICES:
             raise EvictConfigError(
                 f"--evict-policy must be one of {', '.join(POLICY_CHOICES)}, got {self.policy!r}"

@@ -36,10 +36,10 @@ def register() -> None:
     hook_check.register(HookRegistry, HookType)
     if why is not None:
         return
-    from sglang_evict.patches import cpu_rotary, gate_attach, gate_scores, head_evict, request_meta
+    from sglang_evict.patches import cpu_rotary, gate_attach, head_evict, request_meta
     from sglang_evict.patches.runtime import Runtime
 
     runtime = Runtime()  # the one state of this process's hooks
-    for hooks in (cpu_rotary, gate_attach, gate_scores, request_meta, head_evict):
+    for hooks in (cpu_rotary, gate_attach, request_meta, head_evict):
         hooks.register(HookRegistry, HookType, runtime)
     logger.info("sglang-evict plugin registered")

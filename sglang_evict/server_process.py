@@ -115,7 +115,10 @@ class ServerProcess:
             f"server not ready after {self.startup_timeout:.0f}s; log tail:\n" + self.log_tail()
         )
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, grace: float = 2.0, timeout: float = 30.0) -> None:
+        """SIGTERM, then after `grace` seconds SIGKILL to the whole group. SGLang's own shutdown
+        on SIGTERM sleeps 5 s for crash diagnostics once its scheduler is gone; nothing of a
+        server outlives its processes, so the rest is not waited for."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -124,7 +127,7 @@ class ServerProcess:
             except ProcessLookupError:
                 pass
             try:
-                self.proc.wait(timeout=timeout)
+                self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
         # The scheduler and detokenizer share the group; make sure none outlives the server.

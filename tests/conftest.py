@@ -1,10 +1,26 @@
 """Shared fixtures. Server fixtures start real SGLang servers on 127.0.0.1 (free port) with the
-default model and stop them by pid in teardown; they are session-scoped because one start costs
-about 100 s on 2 cores."""
+default model and stop them by pid in teardown. The vanilla one is session-scoped (one start costs
+30-45 s on 2 cores); every other lives for its module or its test."""
 
 from __future__ import annotations
 
 import pytest
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test of tests/server/ runs on one pytest-xdist worker, in order (`-n 2 --dist
+    loadgroup` in pyproject.toml): at most the session's vanilla server and one other are
+    alive, while the other worker runs the unit and kernel tests beside them. xdist groups by a
+    "@group" suffix of the node id, which it sets through an attribute pytest 9 no longer reads
+    (`_nodeid`); the id is set here instead."""
+    from _pytest.nodeid import coerce_node_id
+
+    if not getattr(config.option, "loadgroup", False):  # set on xdist workers only
+        return
+    for item in items:
+        if item.path.parent.name == "server" and not item.nodeid.endswith("@server"):
+            item._id = coerce_node_id(item.nodeid + "@server")
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +42,17 @@ def hf_model(default_model_path):
     return model, tokenizer
 
 
+# The session's vanilla SGLang server. Its settings are the quick scored sweeps' vanilla ones
+# (tests/server/test_scored_benches.py runs them on it): a 512-token pool, which every other test
+# of it fits, and a decode log line per step.
+VANILLA_ARGS = ["--max-total-tokens", "512", "--enable-cache-report", "--decode-log-interval", "1"]
+
+
 @pytest.fixture(scope="session")
 def server(default_model_path):
     from sglang_evict.server_process import ServerProcess
 
-    with ServerProcess(["--enable-cache-report"]) as srv:
+    with ServerProcess(VANILLA_ARGS) as srv:
         yield srv
 
 
@@ -60,27 +82,3 @@ def trained_test_gates(default_model_path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def test_gates_path(trained_test_gates):
     return trained_test_gates[1]
-
-
-# Servers used by one module live for that module only: every server's scheduler holds about
-# 4.5 GB here, and a suite that kept them all alive ran this 24 GB machine out of memory (the
-# kernel killed a scheduler, and the next server's start-up starved).
-@pytest.fixture(scope="module")
-def gated_server(test_gates_path):
-    from sglang_evict.server_process import ServerProcess
-
-    with ServerProcess(["--evict-gates", str(test_gates_path), "--enable-cache-report"]) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def gated_triton_server(test_gates_path):
-    """Gates stored by the Triton kernel (run by Triton's interpreter on CPU)."""
-    import os
-
-    from sglang_evict.server_process import ServerProcess
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    args = ["--evict-gates", str(test_gates_path), "--evict-kernel", "triton"]
-    with ServerProcess(args, env=env) as srv:
-        yield srv

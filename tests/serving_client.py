@@ -1,6 +1,10 @@
-"""The native /generate call the server tests make: greedy, token ids in and out."""
+"""The native /generate call the server tests make (greedy, token ids in and out), and the
+cache flush between runs that must start from an empty cache."""
 
 from __future__ import annotations
+
+import re
+import time
 
 import requests
 
@@ -17,3 +21,37 @@ def generate(server, input_ids: list[int], max_new_tokens: int, **sampling) -> d
     )
     r.raise_for_status()
     return r.json()
+
+
+def flush(server) -> None:
+    """Empty the server's radix cache (refused while requests run: retried for a minute)."""
+    for _ in range(60):
+        if requests.post(server.url + "/flush_cache", timeout=30).status_code == 200:
+            return
+        time.sleep(1)
+    raise AssertionError("the server did not flush its cache")
+
+
+def evict_metrics(server) -> dict[str, float]:
+    """sglang_evict:* samples of /metrics, summed over label sets (one scheduler here)."""
+    out: dict[str, float] = {}
+    for line in requests.get(server.url + "/metrics", timeout=30).text.splitlines():
+        m = re.match(r"^(sglang_evict:[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if m and "layer=" not in (m.group(2) or ""):
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def drained(server, seconds: int = 120) -> dict[str, float]:
+    """/metrics once the requests have drained: every head-slot free or held by the tree (the
+    gauges follow the scheduler's next step or idle round); asserted, and nothing unaccounted."""
+    for _ in range(seconds):
+        m = evict_metrics(server)
+        if m["sglang_evict:head_slots_free"] + m["sglang_evict:head_slots_tree"] == \
+                m["sglang_evict:head_slots_capacity"]:
+            break
+        time.sleep(1)
+    assert m["sglang_evict:head_slots_free"] + m["sglang_evict:head_slots_tree"] == \
+        m["sglang_evict:head_slots_capacity"], m
+    assert m["sglang_evict:head_slots_unaccounted"] == 0
+    return m

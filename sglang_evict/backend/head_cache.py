@@ -339,6 +339,14 @@ class HeadKVCache:
             self.tree.keep_owned(torch.tensor([row]))
         return stats, evictor
 
+    def log_beta_of(self, virtual_ids: torch.Tensor) -> torch.Tensor | None:
+        """log beta of every (layer, token, KV head) of these tokens, [L, n, H]; None when any
+        of their entries was evicted (the scores of what a request held whole)."""
+        slots = self.pool.slot_map[virtual_ids.to(self.device, torch.long)]  # [n, L, H]
+        if bool((slots == EVICTED).any()):
+            return None
+        return self.log_beta[slots.long()].permute(1, 0, 2)
+
     def row_stats(self, row: int) -> RowStats:
         return self.stats.row(row)
 

@@ -1,7 +1,8 @@
-"""Retention gates inside the real server: log beta computed during the forward pass and
-stored beside the KV equals an HF-transformers computation of the same gates (the module of
-the training run that wrote the served checkpoint); attaching gates
-(eviction off) leaves greedy outputs unchanged; cached prefixes keep their pinned scores."""
+"""Retention gates inside the real server, alone (policy none on the head-slot backend): log
+beta computed during the forward pass and stored beside the KV equals an HF-transformers
+computation of the same gates (the module of the training run that wrote the served
+checkpoint); attaching gates leaves greedy outputs and the radix cache's hits those of vanilla
+SGLang; cached prefixes keep their pinned scores."""
 
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",
     "List three facts about the Moon:\n1.",
 ]
+
+
+@pytest.fixture(scope="module")
+def gated_server(test_gates_path):
+    """Gates alone. Module-scoped like every server but the session's vanilla one: each
+    scheduler holds gigabytes here, and a suite that kept them all alive ran this machine out
+    of memory."""
+    from sglang_evict.server_process import ServerProcess
+
+    args = ["--evict-gates", str(test_gates_path), "--enable-cache-report",
+            "--max-total-tokens", "4096"]
+    with ServerProcess(args) as srv:
+        yield srv
 
 
 def evict_stats(response) -> dict:
@@ -92,14 +106,17 @@ def test_vanilla_server_reports_no_gate_stats(server, hf_model):
     assert "sglang_evict" not in out["meta_info"]
 
 
-def test_triton_store_kernel_in_the_server_matches_torch_path(gated_server, gated_triton_server, hf_model):
+def test_gates_alone_with_the_radix_cache_is_vanilla_sglang(server, gated_server, hf_model):
+    """Same greedy tokens and the same cached-token counts as vanilla SGLang with its radix
+    cache, over requests that share prefixes (unique to this test, so neither server has them)."""
     _, tokenizer = hf_model
-    ids = tokenizer(f"[{uuid.uuid4().hex[:8]}] The tallest mountain on Earth is")["input_ids"]
-    torch_path = generate(gated_server, ids, 6)
-    triton_path = generate(gated_triton_server, ids, 6)
-    assert triton_path["output_ids"] == torch_path["output_ids"]
-    torch.testing.assert_close(
-        torch.tensor(evict_stats(triton_path)["mean_log_beta_per_layer_head"]),
-        torch.tensor(evict_stats(torch_path)["mean_log_beta_per_layer_head"]),
-        rtol=1e-6, atol=1e-6,
-    )
+    context = tokenizer("Field notes 7f3a-radix: the heron waits by the reed bed at dawn. " * 4)[
+        "input_ids"]
+    asks = [" What does the heron do?", " Where is the reed bed?", " What does the heron do?"]
+    for ask in asks:
+        ids = context + tokenizer(ask, add_special_tokens=False)["input_ids"]
+        vanilla = generate(server, ids, 12)
+        ours = generate(gated_server, ids, 12)
+        assert ours["output_ids"] == vanilla["output_ids"], ask
+        assert ours["meta_info"]["cached_tokens"] == vanilla["meta_info"]["cached_tokens"], ask
+    assert ours["meta_info"]["cached_tokens"] >= len(ids) - 1  # the repeated ask hit in full

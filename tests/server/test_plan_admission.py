@@ -9,14 +9,20 @@ import re
 import pytest
 import requests
 
+from serving_client import flush
+
 pytestmark = pytest.mark.server
 
-POOL, CONTEXT, OUTPUT, BUDGET, BUFFER = 2048, 500, 8, 32, 8
+# POOL is the session's vanilla server's pool (its log has a line per decode step)
+POOL, CONTEXT, OUTPUT, BUDGET, BUFFER = 512, 200, 8, 16, 4
 
 
 def _most_running(server, requests_sent: int) -> int:
-    """Run `requests_sent` distinct prompts (nothing to share in the prefix cache) at once; the
-    most requests SGLang's scheduler had running in one decode batch."""
+    """Run `requests_sent` distinct prompts (nothing to share in the prefix cache) at once, on
+    an empty cache; the most requests SGLang's scheduler had running in one decode batch."""
+    flush(server)
+    start = len(server.log_path.read_text(errors="replace"))
+
     def one(i):
         ids = [100 + (i * 131 + j * 7) % 20000 for j in range(CONTEXT)]
         r = requests.post(server.url + "/generate", json={
@@ -28,7 +34,7 @@ def _most_running(server, requests_sent: int) -> int:
 
     with cf.ThreadPoolExecutor(requests_sent) as pool:
         assert list(pool.map(one, range(requests_sent))) == [OUTPUT] * requests_sent
-    log = server.log_path.read_text(errors="replace")
+    log = server.log_path.read_text(errors="replace")[start:]
     return max(int(n) for n in re.findall(r"Decode batch.*?#running-req: (\d+)", log))
 
 
@@ -42,18 +48,20 @@ def predicted(default_model_path):
                 cfg=cfg, kv_tokens=POOL)
 
 
-def test_plan_predicts_what_the_server_admits(predicted):
+def test_plan_predicts_what_the_server_admits(server, predicted):
+    from sglang_evict.serve import flag_value
     from sglang_evict.server_process import ServerProcess
 
     common = ["--max-total-tokens", str(POOL), "--decode-log-interval", "1"]
+    assert flag_value(server.sglang_args, "--max-total-tokens") == str(POOL)
+    assert flag_value(server.sglang_args, "--decode-log-interval") == "1"
     # independent arithmetic: whole requests per pool; with eviction, M + B + 1 tokens' worth
     # each beside a prefill chunk of half the pool (fewer than the virtual ids would allow)
     assert predicted.vanilla == POOL // (CONTEXT + OUTPUT)
     assert predicted.at_budget == (POOL - POOL // 2) // (BUDGET + BUFFER + 1)
     # each server gets more requests than the plan says fit (vanilla 3x, with eviction 8 more),
     # so a higher limit would show
-    with ServerProcess(common) as vanilla:
-        seen_vanilla = _most_running(vanilla, 3 * predicted.vanilla)
+    seen_vanilla = _most_running(server, 3 * predicted.vanilla)
     with ServerProcess(common + ["--evict-policy", "retention-global", "--evict-budget",
                                  str(BUDGET), "--evict-buffer", str(BUFFER)]) as evicting:
         seen_evicting = _most_running(evicting, predicted.at_budget + 8)

@@ -1,11 +1,13 @@
 """The plugin-enabled server on CPU with the default model: greedy agreement with HF
-transformers, prefix caching, the OpenAI API and the sglang frontend language."""
+transformers, prefix caching, the OpenAI API and the sglang frontend language; and what vanilla
+SGLang cannot do on a small pool (which eviction does: test_eviction_serving.py)."""
 
 from __future__ import annotations
 
 import uuid
 
 import pytest
+import requests
 
 from hf_reference import cut_at_eos, greedy_ids
 from serving_client import generate
@@ -119,3 +121,40 @@ def test_the_benches_client_streams_what_a_plain_request_returns(server, hf_mode
     assert body["text"] == PROMPTS[0]
     assert client.generate(server.url, PROMPTS[0], 4, evict={"budget": 16})[
         "meta_info"]["completion_tokens"] == 4
+
+
+SMALL_POOL = 128  # test_eviction_serving.py's pool
+
+
+@pytest.fixture
+def small_vanilla_server():
+    """Vanilla SGLang on the eviction tests' pool, radix cache off (function scope: only it and
+    the session's server are alive)."""
+    from sglang_evict.server_process import ServerProcess
+
+    with ServerProcess(["--disable-radix-cache", "--max-total-tokens", str(SMALL_POOL)]) as srv:
+        yield srv
+
+
+def test_vanilla_cannot_hold_a_generation_4x_its_pool(small_vanilla_server, hf_model):
+    """It never admits the request (it waits in the queue; SGLang reserves prompt +
+    max_new_tokens before prefilling) or, if it answers, the answer is an error or an abort,
+    never the full generation."""
+    _, tokenizer = hf_model
+    ids = tokenizer("Write a very long story about a dragon.")["input_ids"]
+    n = 4 * SMALL_POOL
+    log_before = small_vanilla_server.log_path.read_text(errors="replace")
+    try:
+        r = requests.post(small_vanilla_server.url + "/generate", json={
+            "input_ids": ids,
+            "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True},
+        }, timeout=30)
+    except requests.exceptions.ReadTimeout:
+        log = small_vanilla_server.log_path.read_text(errors="replace")[len(log_before):]
+        assert "Prefill batch" not in log and "Decode batch" not in log
+    else:
+        if r.status_code == 200:
+            meta = r.json()["meta_info"]
+            assert meta["finish_reason"]["type"] != "length" or meta["completion_tokens"] < n
+        else:
+            assert r.status_code >= 400

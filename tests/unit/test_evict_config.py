@@ -20,6 +20,8 @@ def test_split_argv_takes_only_evict_flags(tmp_path):
     assert rest == ["--port", "1", "--dtype", "float32"]
     assert config == EvictConfig(gates=str(gates), kernel="torch")
     assert config.active
+    # gates alone: the head-slot backend scores every entry and evicts none
+    assert config.policy == "none" and config.evicting and config.virtual_factor == 1
 
 
 def test_relative_gate_path_becomes_absolute(tmp_path, monkeypatch):

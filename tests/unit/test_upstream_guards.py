@@ -89,13 +89,10 @@ def _params(dotted: str) -> list[str]:
 
 
 def test_gate_attach_targets():
-    from sglang_evict.patches import gate_attach, gate_scores
+    from sglang_evict.patches import gate_attach
     from sglang_evict.patches import request_meta as g
 
     assert _params(gate_attach.LOAD_MODEL) == ["self"]
-    assert _params(gate_scores.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
-    assert _params(gate_scores.CELL_SIZE) == ["self", "kvc", "num_layers"]
-    assert _params(gate_scores.STORE_KV) == ["self", "layer_idx", "loc", "cache_k", "cache_v"]
     assert _params(g.RELEASE_KV)[:2] == ["req", "tree_cache"]
     assert _params(g.STREAMER_CLASS) == ["self"]
     assert _params(g.UPDATE_META) == [
@@ -151,6 +148,7 @@ def test_head_evict_targets():
     assert _params(h.DERIVE_SIZES) == ["self", "config"]
     assert _params(h.CREATE_BUFFERS) == ["self"]
     assert _params(h.ALLOC_POOL)[:2] == ["self", "memory_pool_config"]
+    assert _params(h.CELL_SIZE) == ["self", "kvc", "num_layers"]
     assert _params(h.ALLOC_FREE) == ["self", "free_index"]
     assert _params(h.ALLOC_CLEAR) == ["self"]
     assert _params(h.FORWARD)[:2] == ["self", "forward_batch"]
