@@ -8,6 +8,7 @@ so this reaches every process without touching SGLang's argument parser.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -211,34 +212,37 @@ class EvictConfig:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvictConfig)}
 
 
+def _flag_parser() -> argparse.ArgumentParser:
+    """argparse for this plugin's flags only; the rest of a command line is SGLang's."""
+    parser = argparse.ArgumentParser(prog="sglang-evict serve", add_help=False,
+                                     allow_abbrev=False, exit_on_error=False)
+    for flag, field, kind in FLAGS:
+        parser.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS)
+    return parser
+
+
+def _flag_error(e: argparse.ArgumentError) -> str:
+    """argparse's error, phrased as the other start-up errors are (the flag first)."""
+    flag = e.argument_name or "an --evict- option"
+    if "expected one argument" in e.message:
+        return f"{flag} needs a value"
+    if "invalid int value" in e.message:
+        return f"{flag} must be an integer, got {e.message.split(': ', 1)[-1]}"
+    return f"{flag}: {e.message}"
+
+
 def split_argv(argv: list[str]) -> tuple[EvictConfig, list[str]]:
-    """Take this plugin's flags out of a command line; return them and SGLang's remaining argv."""
-    values: dict[str, object] = {}
-    rest: list[str] = []
-    by_flag = {flag: (field, kind) for flag, field, kind in FLAGS}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, inline = arg.partition("=")
-        if name in by_flag:
-            field, kind = by_flag[name]
-            if eq:
-                text = inline
-            elif i + 1 < len(argv):
-                text = argv[i + 1]
-                i += 1
-            else:
-                raise EvictConfigError(f"{name} needs a value")
-            try:
-                values[field] = kind(text)
-            except ValueError:
-                raise EvictConfigError(f"{name} must be an integer, got {text!r}") from None
-        elif name.startswith("--evict-"):
-            known = ", ".join(f for f, _, _ in FLAGS)
-            raise EvictConfigError(f"unknown option {name} (sglang-evict options: {known})")
-        else:
-            rest.append(arg)
-        i += 1
+    """Take this plugin's flags out of a command line; return them, validated as one
+    EvictConfig, and SGLang's remaining argv."""
+    try:
+        parsed, rest = _flag_parser().parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise EvictConfigError(_flag_error(e)) from None
+    unknown = [a.partition("=")[0] for a in rest if a.startswith("--evict-")]
+    if unknown:
+        known = ", ".join(f for f, _, _ in FLAGS)
+        raise EvictConfigError(f"unknown option {unknown[0]} (sglang-evict options: {known})")
+    values = vars(parsed)
     if values.get("gates"):
         # The scheduler resolves paths from its own working directory; make them absolute.
         values["gates"] = os.path.abspath(os.path.expanduser(values["gates"]))
