@@ -62,12 +62,16 @@ def _scored_right(row: dict, n: int) -> None:
     assert row["ttft_p50_s"] <= row["latency_p50_s"]
 
 
+def _quick_run(bench: str, shared, tmp_path) -> list[dict]:
+    """`bench --quick` on the shared servers: its report's rows, once its plot is written."""
+    out = tmp_path / f"{bench}.json"
+    assert bench_modules.load(bench).main(["--quick", "--out", str(out)], serve=shared) == 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    return json.loads(out.read_text())["servers"]
+
+
 def test_quick_sweep_scores_every_session_on_both_servers(shared, tmp_path):
-    scored = bench_modules.load("scored_sessions")
-    out = tmp_path / "scored.json"
-    assert scored.main(["--quick", "--out", str(out)], serve=shared) == 0
-    report = json.loads(out.read_text())
-    servers = report["servers"]
+    servers = _quick_run("scored_sessions", shared, tmp_path)
     assert [(s["system"], s["pool"], s["budget"]) for s in servers] == [
         ("vanilla", 512, None), ("retention-global M=64", 512, 64)]
     for s in servers:
@@ -78,15 +82,10 @@ def test_quick_sweep_scores_every_session_on_both_servers(shared, tmp_path):
     evicting = servers[1]
     assert "--evict-budget" in evicting["server_args"]
     assert evicting["vanilla_pool_at_same_accuracy"] in (512, None)
-    assert out.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_quick_sweep_scores_every_question_of_both_phases_on_both_servers(shared, tmp_path):
-    context = bench_modules.load("scored_context")
-    out = tmp_path / "context.json"
-    assert context.main(["--quick", "--out", str(out)], serve=shared) == 0
-    report = json.loads(out.read_text())
-    rows = report["servers"]
+    rows = _quick_run("scored_context", shared, tmp_path)
     assert [(r["system"], r["pool"], r["budget"], r["phase"]) for r in rows] == [
         ("vanilla", 512, None, "at once"), ("vanilla", 512, None, "in sequence"),
         ("retention-global M=64", 512, 64, "at once"),
@@ -99,4 +98,3 @@ def test_quick_sweep_scores_every_question_of_both_phases_on_both_servers(shared
     # (compressed, both documents fit): of 3 questions on one document the last two hit it
     assert rows[3]["prefix_hit_rate"] > 0.5
     assert all(0 <= r["prefix_hit_rate"] <= 1 for r in rows)
-    assert out.with_suffix(".png").stat().st_size > 10_000
