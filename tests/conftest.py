@@ -19,8 +19,30 @@ def pytest_collection_modifyitems(config, items):
     if not getattr(config.option, "loadgroup", False):  # set on xdist workers only
         return
     for item in items:
-        if item.path.parent.name == "server" and not item.nodeid.endswith("@server"):
+        if _is_server_test(item) and not item.nodeid.endswith("@server"):
             item._id = coerce_node_id(item.nodeid + "@server")
+
+
+_TORCH_THREADS: list[int] = []  # torch's own choice in this worker, taken before any change
+
+
+def _is_server_test(item) -> bool:
+    return item.path.parent.name == "server"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """With two workers on two cores, a unit or kernel test runs torch on one thread: the other
+    worker's servers run their own torch threads, and two busy-waiting thread pools per core
+    slowed the server tests 2-5x (CI, stop 30). Server tests keep torch's own choice (their HF
+    references run in this process)."""
+    if not getattr(item.config.option, "loadgroup", False):
+        return
+    import torch
+
+    if not _TORCH_THREADS:
+        _TORCH_THREADS.append(torch.get_num_threads())
+    torch.set_num_threads(_TORCH_THREADS[0] if _is_server_test(item) else 1)
 
 
 @pytest.fixture(scope="session")
