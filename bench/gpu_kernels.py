@@ -116,8 +116,6 @@ def _flashinfer(k, q, k_slots, v_slots, indptr, indices, q_lens, sm, want, reps)
     """The same lists through `--evict-kernel flashinfer`'s adapter (FlashInfer's paged kernel,
     each (request, KV head) a sequence with its query group, page size 1): error against the
     torch twin and time per call; or why it did not run."""
-    import torch
-
     fl = k["flashinfer_lists"]
     why = fl.flashinfer_available()
     if why is not None:
@@ -264,7 +262,6 @@ def check_graph_replay(k, shape, batch, live, dtype, dev, out):
 
     ra, hs = k["ragged_attention"], k["head_store"]
     L, H, Hq, D = shape["layers"], shape["kv_heads"], shape["q_heads"], shape["head_dim"]
-    gen = torch.Generator().manual_seed(4)
     cap = batch * H * (live + 1) * L + 64
     kv = [torch.zeros(cap, D, dtype=dtype, device=dev) for _ in range(2)]
     lb, pos = torch.zeros(cap, device=dev), torch.zeros(cap, dtype=torch.long, device=dev)

@@ -139,7 +139,6 @@ def plan(shape: ModelShape, *, context: int, output: int, budget: int,
                 f"the weights ({shape.weight_bytes / 2**30:.1f} GiB) do not fit "
                 f"{mem_fraction:.2f} of {gpu_memory / 2**30:.1f} GiB")
         full = pool_bytes // shape.kv_bytes_per_token
-    hold = budget + cfg.buffer + 1  # the budget, its buffer and the next token
     protected = cfg.sinks + cfg.window + 1
 
     def physical_tokens(oversubscribe: int) -> int:

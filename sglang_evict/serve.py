@@ -152,9 +152,11 @@ def with_eviction_backend(config: EvictConfig, argv: list[str]) -> list[str]:
     if backend is None:
         return argv + ["--attention-backend", ATTENTION_BACKEND]
     if backend != ATTENTION_BACKEND:
+        mode = (f"--evict-policy {config.policy}" if config.policy != "none" or not config.gates
+                else "--evict-gates alone (policy none)")
         raise StartupError(
-            f"--evict-policy {config.policy} serves head-granular KV with --attention-backend "
-            f"{ATTENTION_BACKEND}, not {backend}"
+            f"{mode} serves head-granular KV with --attention-backend {ATTENTION_BACKEND}, "
+            f"not {backend}"
         )
     return argv
 

@@ -378,9 +378,11 @@ class RetentionGates(nn.Module):
             raise TypeError(f"gate input must be a floating-point tensor, got {x.dtype}")
         w2, b = self.final_projection(layer_id)
         z = F.linear(self.hidden_features(layer_id, x), w2.weight.float()) + b.float()
-        # logsigmoid, not log(sigmoid): sigmoid(z) rounds to 1 for z > ~17 in float32 and the
-        # log would be exactly 0 (no decay at all); logsigmoid keeps -exp(-z).
-        return F.logsigmoid(z)
+        # logsigmoid(z) = -softplus(-z), not log(sigmoid): sigmoid(z) rounds to 1 for z > ~17 in
+        # float32 and the log would be exactly 0 (no decay at all); softplus keeps -exp(-z)
+        # (log1p). Not F.logsigmoid: on CPU it opens an OpenMP region even for a decode step's
+        # few values, about 7% of a served step with two threads (py-spy); softplus does not.
+        return -F.softplus(-z)
 
     def forward(self, x_all: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """log β of every layer: x_all [L, T, d] (or a sequence of L tensors [T, d]) ->

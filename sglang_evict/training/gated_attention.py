@@ -153,7 +153,7 @@ def _attention_block(
     """One query block. q_blk [B, Hq, C, D], k/v_keys [B, Hkv, t1, *], lb_keys [B, Hkv, t1],
     evicted_keys None or int64 [B, Hkv, t1] (hard eviction, straight-through)."""
     B, Hq, C, D = q_blk.shape
-    Hkv, t1 = k_keys.shape[1], k_keys.shape[2]
+    Hkv = k_keys.shape[1]
     g = Hq // Hkv
     qf = q_blk.to(compute_dtype).reshape(B, Hkv, g, C, D)
     kf = k_keys.to(compute_dtype)

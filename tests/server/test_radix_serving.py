@@ -1,6 +1,10 @@
 """The radix cache on with head-granular eviction, in a real SGLang server (CPU, default model,
-packaged retention gates). Every step ends with the cache's integrity check (lists against the
-virtual map, owners, shared parts, refcounts, the tree's counts)."""
+packaged retention gates): multi-turn chats and forking programs served from compressed
+prefixes, aborted requests, sixteen queries served from one compressed context, and the order of
+reclaim when the pool runs short (lru-first frees whole tree nodes before any lossy reclaim).
+One server for all: the last two set their eviction per request. Every step ends with the
+cache's integrity check (lists against the virtual map, owners, shared parts, refcounts, the
+tree's counts)."""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ import concurrent.futures as cf
 import pytest
 import requests
 
-from serving_client import drained, evict_metrics, generate
+from serving_client import drained, evict_metrics, flush, generate
 
 BUDGET, BUFFER = 48, 8
+POOL = 2048
+LAYERS, KV_HEADS = 30, 3
+HPT = LAYERS * KV_HEADS
 
 TURNS = [
     "Remember this: the secret word is pineapple.",
@@ -25,14 +32,37 @@ TURNS = [
 ]
 
 
+NEEDLES = {f"key-{i}": f"{(i * 7919) % 9000 + 1000}" for i in range(16)}
+HAYSTACK_BUFFER = 64  # holds a query and its answer: the context is the only thing evicted
+
+
+def _haystack(tokenizer) -> list[int]:
+    """A RULER-style haystack: 16 needles (key -> number) among filler sentences."""
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. "
+    text = "".join(f"{filler}The special magic number for {k} is: {v}. "
+                   for k, v in NEEDLES.items())
+    return tokenizer(text + filler)["input_ids"]
+
+
+def _question(tokenizer, key) -> list[int]:
+    return tokenizer(f" What is the special magic number for {key}? The special magic number "
+                     f"for {key} is:", add_special_tokens=False)["input_ids"]
+
+
 @pytest.fixture(scope="module")
-def radix_server():
+def radix_server(hf_model):
+    """Prefill chunks the haystack's length (longer than every other prompt here but the lru
+    test's): a request that carries the context and its question alone compresses the context
+    at the point where a request that matched it in the tree finds it compressed."""
     from sglang_evict.server_process import ServerProcess
 
+    _, tokenizer = hf_model
     args = [
         "--evict-policy", "retention-global", "--evict-budget", str(BUDGET),
         "--evict-buffer", str(BUFFER), "--evict-sinks", "16", "--evict-window", "16",
-        "--max-total-tokens", "2048", "--enable-cache-report", "--enable-metrics",
+        "--evict-overrides", "any",  # the haystack's buffer, the lru test's streaming budget
+        "--max-total-tokens", str(POOL), "--enable-cache-report", "--enable-metrics",
+        "--chunked-prefill-size", str(len(_haystack(tokenizer))),
         "--evict-debug-check", "1",
     ]
     with ServerProcess(args) as srv:
@@ -124,3 +154,84 @@ def test_aborted_requests_with_shared_prefixes_leave_nothing_behind(radix_server
     m = drained(radix_server)
     assert m["sglang_evict:head_slots_tree"] > 0
     generate(radix_server, prefix, 4)  # and it keeps serving
+
+
+def test_sixteen_queries_share_one_compressed_context(radix_server, hf_model):
+    """16 concurrent queries on one haystack, each for a different needle: the context's gates
+    run once, every query is served from its compressed copy, and the answers equal those of
+    16 separate requests that each carry the whole context, on an empty cache."""
+    _, tokenizer = hf_model
+    ctx = _haystack(tokenizer)
+    evict = {"sglang_evict": {"buffer": HAYSTACK_BUFFER}}
+    asks = {k: ctx + _question(tokenizer, k) for k in NEEDLES}
+
+    def gated():
+        return evict_metrics(radix_server).get("sglang_evict:gated_prompt_tokens_total", 0.0)
+
+    separate = {}
+    for key, ids in asks.items():
+        flush(radix_server)
+        before = gated()
+        separate[key] = generate(radix_server, ids, 6, custom_params=evict)
+        assert separate[key]["meta_info"]["cached_tokens"] == 0
+        assert gated() - before == len(ids)  # every prompt token's gates ran, once
+    assert all(b["meta_info"]["sglang_evict"]["evictions"] > 0 for b in separate.values())
+
+    flush(radix_server)
+    before = gated()
+    # the context is computed, its gates run, once
+    generate(radix_server, ctx, 1, custom_params=evict)
+    with cf.ThreadPoolExecutor(16) as pool:
+        shared = dict(zip(asks, pool.map(
+            lambda ids: generate(radix_server, ids, 6, custom_params=evict), asks.values())))
+    # each query matches the context, or more: a question's opening is shared by the others
+    cached = {k: b["meta_info"]["cached_tokens"] for k, b in shared.items()}
+    assert all(cached[k] >= len(ctx) for k in asks)
+    computed = sum(len(ids) - cached[k] for k, ids in asks.items())
+    assert gated() - before == len(ctx) + computed  # the context once, not 16 times
+    # what one query holds: the compressed context it shares and its own tokens
+    for b in shared.values():
+        e = b["meta_info"]["sglang_evict"]
+        assert e["live_head_slots"] < 0.5 * e["full_head_slots"]
+    assert {k: b["output_ids"] for k, b in shared.items()} == {
+        k: b["output_ids"] for k, b in separate.items()}
+    m = evict_metrics(radix_server)
+    assert m["sglang_evict:head_slots_live"] <= m["sglang_evict:head_slots_capacity"]
+    found = sum(NEEDLES[k] in b["text"] for k, b in shared.items())
+    print(f"needles found at M={BUDGET}: {found} of {len(NEEDLES)}")
+
+
+def test_lru_first_frees_whole_tree_nodes_before_any_lossy_reclaim(radix_server):
+    """Streaming with a budget above A's length (set per request): a finished A stays whole in
+    the tree, and the next long prompt B does not fit beside it (A + B > POOL)."""
+    from sglang_evict.serve import flag_value
+
+    chunk = int(flag_value(radix_server.sglang_args, "--chunked-prefill-size"))
+    a = list(range(1000, 1000 + POOL // 2 + 100))
+    b = list(range(4000, 4000 + POOL // 2 - 50))
+    assert len(a) > chunk and len(a) + len(b) > POOL
+    evict = {"sglang_evict": {"policy": "streaming", "budget": len(a) + 76, "buffer": 8,
+                              "sinks": 4, "window": 8}}
+
+    def run(ids):
+        return generate(radix_server, ids, 4, custom_params=evict)["meta_info"]
+
+    flush(radix_server)
+    assert run(a)["cached_tokens"] == 0
+    # nothing short yet: the tree keeps A whole and serves it again
+    assert run(a)["cached_tokens"] >= len(a) - 10
+    held = evict_metrics(radix_server)
+    assert held["sglang_evict:head_slots_tree"] >= len(a) * HPT
+    # B does not fit beside A: SGLang's LRU frees A's nodes whole, and the global evictor
+    # (lossy: holes) never runs
+    got = run(b)
+    assert got["completion_tokens"] == 4
+    assert got["sglang_evict"]["reclaimed_head_slots"] == 0
+    after = evict_metrics(radix_server)
+    assert after.get("sglang_evict:reclaimed_head_slots_total", 0) == held.get(
+        "sglang_evict:reclaimed_head_slots_total", 0)
+    # A's last nodes left the tree whole (not holed): sent again, A finds at most the node of
+    # its first prefill chunk (SGLang caches a chunked prompt node by node) and computes the rest
+    again = run(a)
+    assert again["cached_tokens"] in (0, chunk) and again["completion_tokens"] == 4
+    drained(radix_server)

@@ -4,6 +4,8 @@ SGLang cannot do on a small pool (which eviction does: test_eviction_serving.py)
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import time
 import uuid
 
 import pytest
@@ -124,12 +126,13 @@ def test_the_benches_client_streams_what_a_plain_request_returns(server, hf_mode
 
 
 SMALL_POOL = 128  # test_eviction_serving.py's pool
+QUEUED_SECONDS = 10  # far longer than a scheduler round, in which it would be admitted
 
 
 @pytest.fixture
 def small_vanilla_server():
-    """Vanilla SGLang on the eviction tests' pool, radix cache off (function scope: only it and
-    the session's server are alive)."""
+    """Vanilla SGLang on the eviction tests' pool, radix cache off as there (function scope:
+    only it and the session's server are alive)."""
     from sglang_evict.server_process import ServerProcess
 
     with ServerProcess(["--disable-radix-cache", "--max-total-tokens", str(SMALL_POOL)]) as srv:
@@ -137,24 +140,30 @@ def small_vanilla_server():
 
 
 def test_vanilla_cannot_hold_a_generation_4x_its_pool(small_vanilla_server, hf_model):
-    """It never admits the request (it waits in the queue; SGLang reserves prompt +
-    max_new_tokens before prefilling) or, if it answers, the answer is an error or an abort,
-    never the full generation."""
+    """Without the radix cache SGLang reserves prompt + max_new_tokens before prefilling: a
+    generation of 4x the pool waits in the queue and is never prefilled; once aborted it ends
+    without the generation. (With eviction it completes: test_eviction_serving.py.)"""
+    server = small_vanilla_server
     _, tokenizer = hf_model
     ids = tokenizer("Write a very long story about a dragon.")["input_ids"]
     n = 4 * SMALL_POOL
-    log_before = small_vanilla_server.log_path.read_text(errors="replace")
-    try:
-        r = requests.post(small_vanilla_server.url + "/generate", json={
-            "input_ids": ids,
+    rid = f"too-long-{uuid.uuid4().hex}"
+    log_before = server.log_path.read_text(errors="replace")
+    with cf.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(requests.post, server.url + "/generate", timeout=300, json={
+            "rid": rid, "input_ids": ids,
             "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True},
-        }, timeout=30)
-    except requests.exceptions.ReadTimeout:
-        log = small_vanilla_server.log_path.read_text(errors="replace")[len(log_before):]
-        assert "Prefill batch" not in log and "Decode batch" not in log
+        })
+        time.sleep(QUEUED_SECONDS)
+        log = server.log_path.read_text(errors="replace")[len(log_before):]
+        queued = not answer.done() and "Prefill batch" not in log and "Decode batch" not in log
+        requests.post(server.url + "/abort_request", json={"rid": rid}, timeout=30
+                      ).raise_for_status()
+        r = answer.result()
+    assert queued, log
+    if r.status_code == 200:
+        meta = r.json()["meta_info"]
+        assert meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] < n
     else:
-        if r.status_code == 200:
-            meta = r.json()["meta_info"]
-            assert meta["finish_reason"]["type"] != "length" or meta["completion_tokens"] < n
-        else:
-            assert r.status_code >= 400
+        assert r.status_code >= 400
+    assert generate(server, ids, 4, ignore_eos=True)["meta_info"]["completion_tokens"] == 4
