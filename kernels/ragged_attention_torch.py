@@ -104,6 +104,12 @@ _I64_MAX = torch.iinfo(torch.int64).max
 # Up to this many query rows per list, P @ V runs as embedding_bag (gather fused into the weighted
 # sum, V never copied out: ~2.5x faster for decode); above it a batched GEMM on gathered V wins.
 _EBAG_MAX_ROWS = 8
+# Up to this many multiply-adds per product, a chunk's scores and P @ V run as broadcast products
+# and sums, which stay on the calling thread below torch's grain size; bmm and embedding_bag open
+# an OpenMP region on every call, and for a decode step's short lists on two busy cores its fork
+# and join cost more than the arithmetic (py-spy of a served decode step: 11% of the scheduler in
+# libgomp under these two calls).
+_INLINE_MACS = 1 << 15
 
 
 def _list_stats(indptr, indices, capacity, q_req=None, num_req=0):
@@ -205,8 +211,12 @@ def _blocked_attention(qb, blk_req, slots, valid, k_slots, v_slots, sm_scale, ke
         hidden = ~ok_key.reshape(n, H_kv, 1, 1, Lc)
         if kp is not None:
             hidden = hidden | (kp.reshape(n, H_kv, 1, 1, Lc) > q_pos[b0:b1].view(n, 1, B, 1, 1))
+        inline = n * H_kv * M * Lc * D <= _INLINE_MACS
         k = k_slots.index_select(0, sl.reshape(-1)).view(n * H_kv, Lc, D).float()
-        s = torch.bmm(qb[b0:b1].view(n * H_kv, M, D), k.transpose(1, 2))
+        if inline:
+            s = (qb[b0:b1].reshape(n * H_kv, M, 1, D) * k.view(n * H_kv, 1, Lc, D)).sum(-1)
+        else:
+            s = torch.bmm(qb[b0:b1].view(n * H_kv, M, D), k.transpose(1, 2))
         del k
         s.mul_(sm_scale)
         s.view(n, H_kv, B, G, Lc).masked_fill_(hidden, -math.inf)
@@ -215,7 +225,10 @@ def _blocked_attention(qb, blk_req, slots, valid, k_slots, v_slots, sm_scale, ke
         m.masked_fill_(m == -math.inf, 0.0)
         p = s.sub_(m).exp_()
         l = p.sum(dim=2, keepdim=True)
-        if use_ebag:
+        if inline:
+            v = v_slots.index_select(0, sl.reshape(-1)).view(n * H_kv, 1, Lc, D).float()
+            o = (p.view(n * H_kv, M, Lc, 1) * v).sum(2)
+        elif use_ebag:
             # Row (list, r) is the bag of its list's head-slots weighted by p: sum_j p_j V[slot_j].
             bags = sl.reshape(n * H_kv, 1, Lc).expand(-1, M, -1).reshape(-1, Lc)
             o = F.embedding_bag(bags, v_slots, per_sample_weights=p.view(-1, Lc), mode="sum")

@@ -73,7 +73,8 @@ def test_torch_equals_reference(case, dtype, index_dtype):
 
 
 @pytest.mark.parametrize("small", [False, True], ids=["defaults", "tiny-blocks"])
-def test_extend_many_tokens_per_request(monkeypatch, small):
+@pytest.mark.parametrize("inline", [0, 1 << 40], ids=["gemm", "inline"])
+def test_extend_many_tokens_per_request(monkeypatch, small, inline):
     """Requests with 1, 70 and 9 query tokens (interleaved, positions out of order): several
     blocks per request, padded last blocks, several chunks, keys trimmed per chunk."""
     if small:  # the same paths at test scale: many blocks, many chunks, both P @ V variants
@@ -81,6 +82,7 @@ def test_extend_many_tokens_per_request(monkeypatch, small):
         monkeypatch.setattr(ra, "_CHUNK_Q", 8)
         monkeypatch.setattr(ra, "_CHUNK_ELEMS", 4096)
         monkeypatch.setattr(ra, "_EBAG_MAX_ROWS", 12)
+    monkeypatch.setattr(ra, "_INLINE_MACS", inline)
     g = torch.Generator().manual_seed(3)
     p = build_problem([30, 80, 12], 2, 3, 32, torch.float32, 300, 0.7, seed=4)
     n = [1, 70, 9]
@@ -91,10 +93,13 @@ def test_extend_many_tokens_per_request(monkeypatch, small):
     assert_same(p, 0.2, torch.float32)
 
 
-@pytest.mark.parametrize("ebag_rows", [0, 8], ids=["bmm", "embedding_bag"])
-def test_both_pv_paths(monkeypatch, ebag_rows):
-    """float32 decode takes embedding_bag for P @ V, everything else a GEMM: both must agree."""
+@pytest.mark.parametrize("ebag_rows, inline", [(0, 0), (8, 0), (8, 1 << 40)],
+                         ids=["bmm", "embedding_bag", "inline"])
+def test_both_pv_paths(monkeypatch, ebag_rows, inline):
+    """float32 decode takes embedding_bag for P @ V, everything else a GEMM, and small chunks
+    broadcast products: all must agree."""
     monkeypatch.setattr(ra, "_EBAG_MAX_ROWS", ebag_rows)
+    monkeypatch.setattr(ra, "_INLINE_MACS", inline)
     p = build_problem([9, 0, 25, 3], 2, 3, 48, torch.float32, 200, 0.6, seed=8, q_per_req=1)
     assert_same(p, 0.3, torch.float32)
 
