@@ -4,8 +4,6 @@ default model and stop them by pid in teardown. The vanilla one is session-scope
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 
@@ -25,19 +23,26 @@ def pytest_collection_modifyitems(config, items):
             item._id = coerce_node_id(item.nodeid + "@server")
 
 
+_TORCH_THREADS: list[int] = []  # torch's own choice in this worker, taken before any change
+
+
 def _is_server_test(item) -> bool:
     return item.path.parent.name == "server"
 
 
-def pytest_configure(config):
-    """Every process of the suite runs torch on one thread: this one, its workers and the
-    servers they start (they inherit the environment; torch reads it at start-up, and nothing
-    imported torch before this hook). Two workers share two cores, and a torch op's OpenMP
-    region waits for its slowest thread: beside one busy core a two-thread server prefilled 120
-    tokens in 12.3 s, a one-thread server in 0.66 s (0.57 s with two threads on idle cores), and
-    unit tests beside the servers ran 2-5x slower with two busy-waiting pools per core. Behaviour
-    does not depend on it; vanilla and eviction servers run under the same setting."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """With two workers on two cores, a unit or kernel test runs torch on one thread: the other
+    worker's servers run their own torch threads, and two busy-waiting thread pools per core
+    slowed the server tests 2-5x (CI, stop 30). Server tests keep torch's own choice (their HF
+    references run in this process)."""
+    if not getattr(item.config.option, "loadgroup", False):
+        return
+    import torch
+
+    if not _TORCH_THREADS:
+        _TORCH_THREADS.append(torch.get_num_threads())
+    torch.set_num_threads(_TORCH_THREADS[0] if _is_server_test(item) else 1)
 
 
 @pytest.fixture(scope="session")
