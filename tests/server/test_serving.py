@@ -102,8 +102,8 @@ def test_sgl_function_program(server, hf_model):
 
 def test_the_benches_client_streams_what_a_plain_request_returns(server, hf_model):
     """bench/client.py (every bench's requests): a streamed request brings the same greedy
-    tokens as a whole one, an arrival per chunk that brought new tokens, and `evict` goes as the request's
-    custom_params (which SGLang without eviction settings accepts and ignores)."""
+    tokens as a whole one, an arrival per chunk that brought new tokens, and `evict` goes as
+    the request's custom_params (which SGLang without eviction settings accepts and ignores)."""
 
     import bench_modules
 
