@@ -82,3 +82,12 @@ def stream(url: str, prompt: str | list[int], max_new_tokens: int, *,
             got.text = chunk.get("text", got.text)
             got.meta_info = meta
     return got
+
+
+def flush_cache(url: str, tries: int = 60) -> None:
+    """Empty the server's radix cache (refused while requests run: retried once a second)."""
+    for _ in range(tries):
+        if requests.post(url + "/flush_cache", timeout=30).status_code == 200:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not flush its cache in {tries} s")

@@ -5,6 +5,8 @@ and the plots.
 A job is a callable that takes the server's URL and returns its turns (dicts from `ask`); a
 phase is a list of jobs run at once on one server. A server runs its phases one after the
 other, each summarised on its own (its retractions from its own stretch of the server log).
+Several benches of the same systems can share one sweep of servers (`sweep_together`), each
+bench on each server from an empty cache.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import client
@@ -23,6 +26,17 @@ import requests
 from intervals import bootstrap_ci
 
 Job = Callable[[str], list[dict]]
+
+
+@dataclass
+class Bench:
+    """One scored bench's sweep: its parsed arguments (the systems), its phases, and how its
+    report is named, titled and which settings it records."""
+    args: argparse.Namespace
+    phases: dict[str, list[Job]]
+    benchmark: str
+    settings: tuple[str, ...]
+    title: str
 
 
 def draw_secrets(rng, key_space: list[str], n: int) -> tuple[list[str], list[str]]:
@@ -91,23 +105,20 @@ def start_server(sargs: list[str]):
     return ServerProcess(sargs, startup_timeout=900)
 
 
-def run_server(name: str, sargs: list[str], phases: dict[str, list[Job]],
-               serve=start_server) -> dict[str, dict]:
-    """One server (`serve(sargs)`, a context manager giving it); each phase's jobs at once,
-    the phases in order; per phase its figures."""
-    print(f"{name}: {' '.join(sargs)}", flush=True)
+def run_phases(srv, name: str, phases: dict[str, list[Job]]) -> dict[str, dict]:
+    """`phases` on the running server `srv`, each phase's jobs at once, the phases in order;
+    per phase its figures."""
     out = {}
-    with serve(sargs) as srv:
-        for phase, jobs in phases.items():
-            start = len(srv.log_path.read_text(errors="replace"))
-            t0 = time.perf_counter()
-            with cf.ThreadPoolExecutor(len(jobs)) as pool:
-                runs = list(pool.map(lambda job: job(srv.url), jobs))
-            wall = time.perf_counter() - t0
-            log = srv.log_path.read_text(errors="replace")[start:]
-            out[phase] = {"server_args": sargs} | summarise([t for r in runs for t in r], wall, log)
-            print(json.dumps({f"{name} {phase}": {k: v for k, v in out[phase].items()
-                                                   if k != "answers"}}), flush=True)
+    for phase, jobs in phases.items():
+        start = len(srv.log_path.read_text(errors="replace"))
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            runs = list(pool.map(lambda job: job(srv.url), jobs))
+        wall = time.perf_counter() - t0
+        log = srv.log_path.read_text(errors="replace")[start:]
+        out[phase] = summarise([t for r in runs for t in r], wall, log)
+        print(json.dumps({f"{name} {phase}": {k: v for k, v in out[phase].items()
+                                               if k != "answers"}}), flush=True)
     return out
 
 
@@ -194,26 +205,45 @@ def plot(results: list[dict], out, title: str) -> None:
     plt.close(fig)
 
 
-def sweep(args, phases: dict[str, list[Job]], benchmark: str, settings: tuple[str, ...],
-          title: str, serve=start_server) -> list[dict]:
-    """Every server of the sweep on `phases`, one after the other (each from `serve`, fresh by
-    default); each eviction point matched to vanilla; the report (JSON at args.out, its plot
-    beside it) written and printed. One row per server and phase ("phase" only where there is
-    more than one)."""
-    results = []
-    for spec in systems(args):
-        for phase, result in run_server(spec["name"], spec["args"], phases, serve).items():
-            row = {k: spec[k] for k in ("name", "system", "pool", "budget")}
-            results.append(row | ({"phase": phase} if len(phases) > 1 else {}) | result)
+def sweep_together(benches: list[Bench], serve=start_server) -> list[list[dict]]:
+    """Every server of the benches' sweep (their systems must be the same), one after the other
+    (each from `serve`, fresh by default); on each, every bench's phases in turn, the cache
+    flushed between benches. Per bench its rows, one per server and phase ("phase" only where
+    the bench has more than one), and its report written."""
+    specs = systems(benches[0].args)
+    for bench in benches[1:]:
+        if systems(bench.args) != specs:
+            raise ValueError(f"{bench.benchmark} sweeps other systems than "
+                             f"{benches[0].benchmark}: they cannot share servers")
+    rows: list[list[dict]] = [[] for _ in benches]
+    for spec in specs:
+        print(f"{spec['name']}: {' '.join(spec['args'])}", flush=True)
+        with serve(spec["args"]) as srv:
+            for i, bench in enumerate(benches):
+                if i:
+                    client.flush_cache(srv.url)
+                runs = run_phases(srv, f"{bench.benchmark} {spec['name']}", bench.phases)
+                for phase, result in runs.items():
+                    row = {k: spec[k] for k in ("name", "system", "pool", "budget")}
+                    rows[i].append(row | ({"phase": phase} if len(bench.phases) > 1 else {})
+                                   | {"server_args": spec["args"]} | result)
+    for bench, results in zip(benches, rows):
+        write_report(bench, results)
+    return rows
+
+
+def write_report(bench: Bench, results: list[dict]) -> None:
+    """Each eviction point matched to vanilla; the report (JSON at args.out, its plot beside
+    it) written and its table printed."""
     matched_vanilla(results)
-    report = {"benchmark": benchmark, "settings": {k: getattr(args, k) for k in settings},
+    report = {"benchmark": bench.benchmark,
+              "settings": {k: getattr(bench.args, k) for k in bench.settings},
               "servers": results}
-    out = Path(args.out)
+    out = Path(bench.args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    plot(results, out.with_suffix(".png"), title)
+    plot(results, out.with_suffix(".png"), bench.title)
     print_table(results)
-    return results
 
 
 def print_table(results: list[dict]) -> None:

@@ -78,9 +78,8 @@ def jobs(groups: list[dict], phase: str, tokenizer, answer_tokens: int) -> list[
     return [lambda url, g=g: [t for q in g["questions"] for t in one(url, g, q)] for g in groups]
 
 
-def main(argv=None, serve=scored.start_server) -> int:
-    """`serve(server_args)`: a context manager giving the server for each system of the sweep
-    (a fresh one by default)."""
+def build(argv=None) -> scored.Bench:
+    """The bench's sweep from its command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--groups", type=int, default=4, help="documents per phase")
     p.add_argument("--needles", type=int, default=6, help="needles, and questions, per document")
@@ -104,11 +103,18 @@ def main(argv=None, serve=scored.start_server) -> int:
                                        first=k * args.groups), phase, tokenizer,
                           args.answer_tokens)
               for k, phase in enumerate(PHASES)}
-    scored.sweep(args, phases, "scored_context",
-                 ("groups", "needles", "words", "answer_tokens", "policy", "buffer", "seed",
-                  "quick", "reclaim", "vanilla"),
-                 f"{args.groups} documents of {args.words} words per phase, "
-                 f"{args.needles} questions each", serve)
+    return scored.Bench(
+        args, phases, "scored_context",
+        ("groups", "needles", "words", "answer_tokens", "policy", "buffer", "seed", "quick",
+         "reclaim", "vanilla"),
+        f"{args.groups} documents of {args.words} words per phase, {args.needles} questions "
+        "each")
+
+
+def main(argv=None, serve=scored.start_server) -> int:
+    """`serve(server_args)`: a context manager giving the server for each system of the sweep
+    (a fresh one by default)."""
+    scored.sweep_together([build(argv)], serve)
     return 0
 
 

@@ -82,9 +82,8 @@ def run_session(url: str, tokenizer, session: dict, new_tokens: int,
     return out
 
 
-def main(argv=None, serve=scored.start_server) -> int:
-    """`serve(server_args)`: a context manager giving the server for each system of the sweep
-    (a fresh one by default)."""
+def build(argv=None) -> scored.Bench:
+    """The bench's sweep from its command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sessions", type=int, default=12)
     p.add_argument("--facts", type=int, default=2)
@@ -110,11 +109,18 @@ def main(argv=None, serve=scored.start_server) -> int:
                               args.seed)
     jobs = [lambda url, s=s: run_session(url, tokenizer, s, args.new_tokens, args.answer_tokens)
             for s in sessions]
-    scored.sweep(args, {"sessions": jobs}, "scored_sessions",
-                 ("sessions", "facts", "passages", "words", "asks", "new_tokens",
-                  "answer_tokens", "policy", "buffer", "seed", "quick", "reclaim", "vanilla"),
-                 f"{args.sessions} scored sessions, {args.facts} facts, {args.passages} "
-                 f"passages, {args.asks} asks each", serve)
+    return scored.Bench(
+        args, {"sessions": jobs}, "scored_sessions",
+        ("sessions", "facts", "passages", "words", "asks", "new_tokens", "answer_tokens",
+         "policy", "buffer", "seed", "quick", "reclaim", "vanilla"),
+        f"{args.sessions} scored sessions, {args.facts} facts, {args.passages} passages, "
+        f"{args.asks} asks each")
+
+
+def main(argv=None, serve=scored.start_server) -> int:
+    """`serve(server_args)`: a context manager giving the server for each system of the sweep
+    (a fresh one by default)."""
+    scored.sweep_together([build(argv)], serve)
     return 0
 
 

@@ -1,29 +1,58 @@
 """Shared fixtures. Server fixtures start real SGLang servers on 127.0.0.1 (free port) with the
-default model and stop them by pid in teardown. The vanilla one is session-scoped (one start costs
-30-45 s on 2 cores); every other lives for its module or its test."""
+default model through the worker's lane (lane_servers.py), which stops them by pid: a module's
+own server lives for its module, vanilla's while the lane's tests talk to it (one start costs
+30-45 s on 2 cores)."""
 
 from __future__ import annotations
 
 import pytest
 
+from lane_servers import LANE
+
+
+# The server tests' two lanes, each on its own pytest-xdist worker, in this order (a node id
+# under tests/server/ goes to the lane of its longest matching prefix). Each lane keeps one
+# server alive at a time (lane_servers.py), so at most two are alive. Each starts with tests
+# that talk to vanilla (that start also records the vanilla answers its later modules compare
+# with), and the two take about the same time (CI, stop 32).
+LANES = {
+    "server-a": ("test_serving.py", "test_plan_admission.py", "test_radix_serving.py",
+                 "test_gates_triton.py", "test_load_and_faults.py"),
+    "server-b": ("test_scored_benches.py", "test_eviction_serving.py", "test_gates_serving.py",
+                 "test_serving.py::test_vanilla_cannot_hold"),
+}
+
+
+_LANE_SERVERS = pytest.StashKey["LaneServers"]()  # this worker's, for the teardown hook
+
+
+def _lane(item) -> tuple[str, int]:
+    """(lane, place in it) of a server test."""
+    name = item.nodeid.split("tests/server/", 1)[-1]
+    matches = [(len(prefix), lane, i) for lane, prefixes in LANES.items()
+               for i, prefix in enumerate(prefixes) if name.startswith(prefix)]
+    if not matches:
+        raise pytest.UsageError(f"{item.nodeid}: a server test in no lane of tests/conftest.py")
+    _, lane, place = max(matches)
+    return lane, place
+
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Every test of tests/server/ runs on one pytest-xdist worker, in order (`-n 2 --dist
-    loadgroup` in pyproject.toml): at most the session's vanilla server and one other are
-    alive, while the other worker runs the unit and kernel tests beside them. xdist groups by a
-    "@group" suffix of the node id, which it sets through an attribute pytest 9 no longer reads
-    (`_nodeid`); the id is set here instead."""
+    """On xdist workers (`-n 2 --dist loadgroup` in pyproject.toml) the server tests come first,
+    lane by lane, so each worker takes a lane at once and the unit and kernel tests fill in
+    after. xdist groups by a "@group" suffix of the node id, which it sets through an attribute
+    pytest 9 no longer reads (`_nodeid`); the id is set here instead."""
     from _pytest.nodeid import coerce_node_id
 
     if not getattr(config.option, "loadgroup", False):  # set on xdist workers only
         return
-    for item in items:
-        if _is_server_test(item) and not item.nodeid.endswith("@server"):
-            item._id = coerce_node_id(item.nodeid + "@server")
-
-
-_TORCH_THREADS: list[int] = []  # torch's own choice in this worker, taken before any change
+    lanes = {item: _lane(item) for item in items if _is_server_test(item)}
+    order = {name: i for i, name in enumerate(LANES)}
+    items.sort(key=lambda it: (0, order[lanes[it][0]], lanes[it][1]) if it in lanes else (1,))
+    for item, (lane, _) in lanes.items():
+        if not item.nodeid.endswith("@" + lane):
+            item._id = coerce_node_id(item.nodeid + "@" + lane)
 
 
 def _is_server_test(item) -> bool:
@@ -32,17 +61,24 @@ def _is_server_test(item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """With two workers on two cores, a unit or kernel test runs torch on one thread: the other
-    worker's servers run their own torch threads, and two busy-waiting thread pools per core
-    slowed the server tests 2-5x (CI, stop 30). Server tests keep torch's own choice (their HF
-    references run in this process)."""
-    if not getattr(item.config.option, "loadgroup", False):
-        return
-    import torch
+    """With two workers on two cores, every test runs torch on one thread, and so does every
+    server (lane_servers.py): two busy-waiting thread pools per core slowed the server tests
+    2-5x (CI, stop 30) and a two-thread server beside a busy core prefilled 20x slower (stop
+    31)."""
+    if getattr(item.config.option, "loadgroup", False):
+        import torch
 
-    if not _TORCH_THREADS:
-        _TORCH_THREADS.append(torch.get_num_threads())
-    torch.set_num_threads(_TORCH_THREADS[0] if _is_server_test(item) else 1)
+        torch.set_num_threads(1)
+        if _is_server_test(item):
+            item.config.stash[LANE] = _lane(item)[0]
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The lane's last server test stops the server left up (vanilla's is never released)."""
+    servers = item.config.stash.get(_LANE_SERVERS, None)
+    if servers is not None and _is_server_test(item) and (
+            nextitem is None or not _is_server_test(nextitem)):
+        servers.stop()
 
 
 @pytest.fixture(scope="session")
@@ -64,18 +100,28 @@ def hf_model(default_model_path):
     return model, tokenizer
 
 
-# The session's vanilla SGLang server. Its settings are the quick scored sweeps' vanilla ones
-# (tests/server/test_scored_benches.py runs them on it): a 512-token pool, which every other test
-# of it fits, and a decode log line per step.
-VANILLA_ARGS = ["--max-total-tokens", "512", "--enable-cache-report", "--decode-log-interval", "1"]
-
-
 @pytest.fixture(scope="session")
-def server(default_model_path):
-    from sglang_evict.server_process import ServerProcess
+def servers(request, default_model_path):
+    """This worker's lane of servers (lane_servers.py)."""
+    from lane_servers import LaneServers
 
-    with ServerProcess(VANILLA_ARGS) as srv:
-        yield srv
+    lane = LaneServers(request.session, default_model_path,
+                       one_thread=getattr(request.config.option, "loadgroup", False))
+    request.config.stash[_LANE_SERVERS] = lane
+    yield lane
+    lane.stop()
+
+
+@pytest.fixture
+def server(servers):
+    """Vanilla SGLang (lane_servers.VANILLA_ARGS), up while the lane's tests talk to it."""
+    return servers.vanilla()
+
+
+@pytest.fixture
+def vanilla(servers, request):
+    """Vanilla's recorded answers to this module's `vanilla_requests`, by name."""
+    return servers.answers(request.module)
 
 
 @pytest.fixture(scope="session")

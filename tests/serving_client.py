@@ -3,6 +3,7 @@ cache flush between runs that must start from an empty cache."""
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 
@@ -24,12 +25,16 @@ def generate(server, input_ids: list[int], max_new_tokens: int, **sampling) -> d
 
 
 def flush(server) -> None:
-    """Empty the server's radix cache (refused while requests run: retried for a minute)."""
-    for _ in range(60):
-        if requests.post(server.url + "/flush_cache", timeout=30).status_code == 200:
-            return
-        time.sleep(1)
-    raise AssertionError("the server did not flush its cache")
+    """Empty the server's radix cache (the benches' client's flush, which retries while
+    requests run)."""
+    _bench_client().flush_cache(server.url)
+
+
+@functools.cache
+def _bench_client():
+    import bench_modules
+
+    return bench_modules.load("client")
 
 
 def evict_metrics(server) -> dict[str, float]:

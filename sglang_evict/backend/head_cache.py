@@ -398,9 +398,22 @@ class HeadKVCache:
             n = int(self.pool.slot_map[ids].ne(EVICTED).sum())
             if n != int(lens[r]):
                 raise RuntimeError(f"row {r}: lists hold {int(lens[r])}, virtual map {n}")
-            entries, valid = self.lists.gather(torch.tensor([r]))
-            for layer in range(self.num_layers):
-                want = self.pool.live_indices([ids], layer).indices.long()
-                got = entries[0, layer * H : (layer + 1) * H][valid[0, layer * H : (layer + 1) * H]]
-                if not torch.equal(got, want):
-                    raise RuntimeError(f"row {r} layer {layer}: lists differ from the virtual map")
+            entries, _ = self.lists.gather(torch.tensor([r]))
+            want = self._live_in_map_order(ids, entries.shape[2])
+            if not torch.equal(entries[0], want):
+                lh = int((entries[0] != want).any(1).nonzero()[0, 0])
+                layer = lh // H
+                raise RuntimeError(f"row {r} layer {layer}: lists differ from the virtual map")
+
+    def _live_in_map_order(self, ids: torch.Tensor, width: int) -> torch.Tensor:
+        """The live head-slots of the virtual ids `ids` per (layer, head), in the ids' order,
+        padded with -1 to `width`: int64 [L*H, width], what the lists hold for a request."""
+        per = self.pool.slot_map[ids].reshape(ids.numel(), -1).t().long()  # [LH, T]
+        live = per != EVICTED
+        order = torch.sort((~live).to(torch.int8), dim=1, stable=True).indices  # live first
+        first = per.gather(1, order)
+        out = torch.full((per.shape[0], width), -1, dtype=torch.long, device=per.device)
+        k = min(width, per.shape[1])
+        j = torch.arange(k, device=per.device)
+        out[:, :k] = torch.where(j[None, :] < live.sum(1, keepdim=True), first[:, :k], -1)
+        return out

@@ -22,9 +22,7 @@ TRIGGER = LAYERS * KV_HEADS * (BUDGET + BUFFER)
 
 
 @pytest.fixture(scope="module")
-def evict_server(test_gates_path):
-    from sglang_evict.server_process import ServerProcess
-
+def evict_server(servers, test_gates_path):
     args = [
         "--evict-policy", "retention-global",
         "--evict-overrides", "any",  # the tests opt requests out of eviction (policy none)
@@ -37,7 +35,7 @@ def evict_server(test_gates_path):
         # after every step the live lists are checked against the virtual map
         "--evict-debug-check", "1",
     ]
-    with ServerProcess(args) as srv:
+    with servers.held(args) as srv:
         yield srv
 
 
@@ -69,16 +67,20 @@ PROMPTS = [
 ]
 
 
-def test_policy_none_equals_vanilla(server, evict_server, hf_model):
+def vanilla_requests(tokenizer) -> dict:
+    """What vanilla SGLang answers before this module's server starts (tests/lane_servers.py)."""
+    return {"greedy": [(tokenizer(text)["input_ids"], 24, {}) for text in PROMPTS]}
+
+
+def test_policy_none_equals_vanilla(vanilla, evict_server, hf_model):
     """The head-slot backend without eviction (a request that opts out, policy none, with the
     radix cache off) gives vanilla SGLang's greedy tokens."""
     _, tokenizer = hf_model
-    for text in PROMPTS:
+    for text, reply in zip(PROMPTS, vanilla["greedy"], strict=True):
         ids = tokenizer(text)["input_ids"]
-        vanilla = generate(server, ids, 24)
         ours = generate(evict_server, ids, 24,
                         custom_params={"sglang_evict": {"policy": "none"}})
-        assert ours["output_ids"] == vanilla["output_ids"], text
+        assert ours["output_ids"] == reply["output_ids"], text
         meta = _evict_meta(ours)
         n = len(ids) + len(ours["output_ids"]) - 1  # the last sampled token has no KV yet
         assert meta["evicted_head_slots"] == 0

@@ -25,16 +25,29 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def gated_server(test_gates_path):
-    """Gates alone. Module-scoped like every server but the session's vanilla one: each
-    scheduler holds gigabytes here, and a suite that kept them all alive ran this machine out
-    of memory."""
-    from sglang_evict.server_process import ServerProcess
-
+def gated_server(servers, test_gates_path):
+    """Gates alone."""
     args = ["--evict-gates", str(test_gates_path), "--enable-cache-report",
             "--max-total-tokens", "4096"]
-    with ServerProcess(args) as srv:
+    with servers.held(args) as srv:
         yield srv
+
+
+# Shares a prefix among its requests, unique to this module (so no server has it yet).
+RADIX_CONTEXT = "Field notes 7f3a-radix: the heron waits by the reed bed at dawn. " * 4
+RADIX_ASKS = [" What does the heron do?", " Where is the reed bed?", " What does the heron do?"]
+
+
+def _radix_ids(tokenizer) -> list[list[int]]:
+    context = tokenizer(RADIX_CONTEXT)["input_ids"]
+    return [context + tokenizer(ask, add_special_tokens=False)["input_ids"] for ask in RADIX_ASKS]
+
+
+def vanilla_requests(tokenizer) -> dict:
+    """What vanilla SGLang answers before this module's server starts (tests/lane_servers.py):
+    each sequence in order, so its radix cache's hits are those of the same requests here."""
+    return {"greedy": [(tokenizer(p)["input_ids"], 24, {}) for p in PROMPTS],
+            "radix": [(ids, 12, {}) for ids in _radix_ids(tokenizer)]}
 
 
 def evict_stats(response) -> dict:
@@ -77,12 +90,12 @@ def test_stored_log_beta_equals_hf_reference(gated_server, hf_model, gates, prom
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_gates_attached_keep_greedy_output(server, gated_server, hf_model, prompt):
+def test_gates_attached_keep_greedy_output(vanilla, gated_server, hf_model, prompt):
     _, tokenizer = hf_model
     ids = tokenizer(prompt)["input_ids"]
-    vanilla = cut_at_eos(generate(server, ids, 24)["output_ids"], tokenizer)
+    reply = vanilla["greedy"][PROMPTS.index(prompt)]
     gated = cut_at_eos(generate(gated_server, ids, 24)["output_ids"], tokenizer)
-    assert gated == vanilla
+    assert gated == cut_at_eos(reply["output_ids"], tokenizer)
 
 
 def test_prefix_hit_reuses_pinned_scores(gated_server, hf_model):
@@ -100,23 +113,12 @@ def test_prefix_hit_reuses_pinned_scores(gated_server, hf_model):
     )
 
 
-def test_vanilla_server_reports_no_gate_stats(server, hf_model):
-    _, tokenizer = hf_model
-    out = generate(server, tokenizer("Hello")["input_ids"], 2)
-    assert "sglang_evict" not in out["meta_info"]
-
-
-def test_gates_alone_with_the_radix_cache_is_vanilla_sglang(server, gated_server, hf_model):
+def test_gates_alone_with_the_radix_cache_is_vanilla_sglang(vanilla, gated_server, hf_model):
     """Same greedy tokens and the same cached-token counts as vanilla SGLang with its radix
-    cache, over requests that share prefixes (unique to this test, so neither server has them)."""
+    cache, over requests that share prefixes."""
     _, tokenizer = hf_model
-    context = tokenizer("Field notes 7f3a-radix: the heron waits by the reed bed at dawn. " * 4)[
-        "input_ids"]
-    asks = [" What does the heron do?", " Where is the reed bed?", " What does the heron do?"]
-    for ask in asks:
-        ids = context + tokenizer(ask, add_special_tokens=False)["input_ids"]
-        vanilla = generate(server, ids, 12)
+    for ask, ids, reply in zip(RADIX_ASKS, _radix_ids(tokenizer), vanilla["radix"], strict=True):
         ours = generate(gated_server, ids, 12)
-        assert ours["output_ids"] == vanilla["output_ids"], ask
-        assert ours["meta_info"]["cached_tokens"] == vanilla["meta_info"]["cached_tokens"], ask
+        assert ours["output_ids"] == reply["output_ids"], ask
+        assert ours["meta_info"]["cached_tokens"] == reply["meta_info"]["cached_tokens"], ask
     assert ours["meta_info"]["cached_tokens"] >= len(ids) - 1  # the repeated ask hit in full

@@ -13,7 +13,7 @@ from serving_client import flush
 
 pytestmark = pytest.mark.server
 
-# POOL is the session's vanilla server's pool (its log has a line per decode step)
+# POOL is the vanilla server's pool (its log has a line per decode step)
 POOL, CONTEXT, OUTPUT, BUDGET, BUFFER = 512, 200, 8, 16, 4
 
 
@@ -48,9 +48,8 @@ def predicted(default_model_path):
                 cfg=cfg, kv_tokens=POOL)
 
 
-def test_plan_predicts_what_the_server_admits(server, predicted):
+def test_plan_predicts_what_the_server_admits(servers, server, predicted):
     from sglang_evict.serve import flag_value
-    from sglang_evict.server_process import ServerProcess
 
     common = ["--max-total-tokens", str(POOL), "--decode-log-interval", "1"]
     assert flag_value(server.sglang_args, "--max-total-tokens") == str(POOL)
@@ -62,8 +61,8 @@ def test_plan_predicts_what_the_server_admits(server, predicted):
     # each server gets more requests than the plan says fit (vanilla 3x, with eviction 8 more),
     # so a higher limit would show
     seen_vanilla = _most_running(server, 3 * predicted.vanilla)
-    with ServerProcess(common + ["--evict-policy", "retention-global", "--evict-budget",
-                                 str(BUDGET), "--evict-buffer", str(BUFFER)]) as evicting:
+    with servers.held(common + ["--evict-policy", "retention-global", "--evict-budget",
+                                str(BUDGET), "--evict-buffer", str(BUFFER)]) as evicting:
         seen_evicting = _most_running(evicting, predicted.at_budget + 8)
     assert predicted.at_budget < POOL * 8 // (CONTEXT + OUTPUT)
     assert (seen_vanilla, seen_evicting) == (predicted.vanilla, predicted.at_budget)

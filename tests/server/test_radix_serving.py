@@ -50,12 +50,10 @@ def _question(tokenizer, key) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def radix_server(hf_model):
+def radix_server(servers, hf_model):
     """Prefill chunks the haystack's length (longer than every other prompt here but the lru
     test's): a request that carries the context and its question alone compresses the context
     at the point where a request that matched it in the tree finds it compressed."""
-    from sglang_evict.server_process import ServerProcess
-
     _, tokenizer = hf_model
     args = [
         "--evict-policy", "retention-global", "--evict-budget", str(BUDGET),
@@ -65,7 +63,7 @@ def radix_server(hf_model):
         "--chunked-prefill-size", str(len(_haystack(tokenizer))),
         "--evict-debug-check", "1",
     ]
-    with ServerProcess(args) as srv:
+    with servers.held(args) as srv:
         yield srv
 
 

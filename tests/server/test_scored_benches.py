@@ -1,8 +1,9 @@
 """bench/scored_sessions.py and bench/scored_context.py --quick on real servers (vanilla and
 eviction on one 512-token pool): every turn answered, every scored turn counted and scored from
-its own reply, the report and its plot written. Both benches share their servers: vanilla is
-the session's server (started with the quick sweeps' vanilla settings), the eviction server is
-started once for both; each run starts from an empty cache."""
+its own reply, the report and its plot written. Both benches sweep the same two servers, so
+they share them (bench/scored.py's `sweep_together`: on each server one bench after the other,
+each from an empty cache); the servers come from the worker's lane (vanilla's settings are the
+quick sweeps' vanilla ones)."""
 
 from __future__ import annotations
 
@@ -18,38 +19,26 @@ from serving_client import flush
 pytestmark = pytest.mark.server
 
 
-class SharedServers:
-    """`serve` for the benches: the session's vanilla server, and one eviction server kept for
-    every run that asks for the same settings; so at most two servers are alive."""
+class LaneServe:
+    """`serve` for the benches: the lane's vanilla server, or an eviction server held while
+    the bench runs on it (one server up at a time)."""
 
-    def __init__(self, vanilla):
-        self.vanilla = vanilla
-        self.evicting = None
+    def __init__(self, servers):
+        self.servers = servers
 
+    @contextlib.contextmanager
     def __call__(self, sargs: list[str]):
-        from sglang_evict.server_process import ServerProcess
+        from lane_servers import VANILLA_ARGS
 
         if "--evict-policy" not in sargs:
-            assert sorted(sargs) == sorted(self.vanilla.sglang_args)
-            srv = self.vanilla
+            assert sorted(sargs) == sorted(VANILLA_ARGS)
+            srv = self.servers.vanilla()
+            flush(srv)
+            yield srv
         else:
-            if self.evicting is None:
-                self.evicting = ServerProcess(sargs, startup_timeout=900).__enter__()
-            assert sargs == self.evicting.sglang_args
-            srv = self.evicting
-        flush(srv)
-        return contextlib.nullcontext(srv)
-
-    def close(self):
-        if self.evicting is not None:
-            self.evicting.stop()
-
-
-@pytest.fixture(scope="module")
-def shared(server):
-    servers = SharedServers(server)
-    yield servers
-    servers.close()
+            with self.servers.held(sargs) as srv:
+                flush(srv)
+                yield srv
 
 
 def _scored_right(row: dict, n: int) -> None:
@@ -62,30 +51,41 @@ def _scored_right(row: dict, n: int) -> None:
     assert row["ttft_p50_s"] <= row["latency_p50_s"]
 
 
-def _quick_run(bench: str, shared, tmp_path) -> list[dict]:
-    """`bench --quick` on the shared servers: its report's rows, once its plot is written."""
-    out = tmp_path / f"{bench}.json"
-    assert bench_modules.load(bench).main(["--quick", "--out", str(out)], serve=shared) == 0
-    assert out.with_suffix(".png").stat().st_size > 10_000
-    return json.loads(out.read_text())["servers"]
+BENCHES = ("scored_sessions", "scored_context")
 
 
-def test_quick_sweep_scores_every_session_on_both_servers(shared, tmp_path):
-    servers = _quick_run("scored_sessions", shared, tmp_path)
-    assert [(s["system"], s["pool"], s["budget"]) for s in servers] == [
+@pytest.fixture(scope="module")
+def quick_reports(servers, tmp_path_factory) -> dict[str, list[dict]]:
+    """`--quick` of both benches on one sweep of servers: each report's rows, once its plot is
+    written."""
+    out = tmp_path_factory.mktemp("scored")
+    modules = {name: bench_modules.load(name) for name in BENCHES}
+    sweeps = [modules[name].build(["--quick", "--out", str(out / f"{name}.json")])
+              for name in BENCHES]
+    modules[BENCHES[0]].scored.sweep_together(sweeps, serve=LaneServe(servers))
+    reports = {}
+    for name in BENCHES:
+        assert (out / f"{name}.png").stat().st_size > 10_000
+        reports[name] = json.loads((out / f"{name}.json").read_text())["servers"]
+    return reports
+
+
+def test_quick_sweep_scores_every_session_on_both_servers(quick_reports):
+    rows = quick_reports["scored_sessions"]
+    assert [(s["system"], s["pool"], s["budget"]) for s in rows] == [
         ("vanilla", 512, None), ("retention-global M=64", 512, 64)]
-    for s in servers:
+    for s in rows:
         # 4 sessions x (2 facts + 2 passages + 1 ask), every one answered, none retracted
         assert (s["requests"], s["failed"], s["retractions"]) == (20, 0, 0), s["name"]
         _scored_right(s, 4)
         assert s["requests_per_s"] > 0 and 0 <= s["prefix_hit_rate"] <= 1
-    evicting = servers[1]
+    evicting = rows[1]
     assert "--evict-budget" in evicting["server_args"]
     assert evicting["vanilla_pool_at_same_accuracy"] in (512, None)
 
 
-def test_quick_sweep_scores_every_question_of_both_phases_on_both_servers(shared, tmp_path):
-    rows = _quick_run("scored_context", shared, tmp_path)
+def test_quick_sweep_scores_every_question_of_both_phases_on_both_servers(quick_reports):
+    rows = quick_reports["scored_context"]
     assert [(r["system"], r["pool"], r["budget"], r["phase"]) for r in rows] == [
         ("vanilla", 512, None, "at once"), ("vanilla", 512, None, "in sequence"),
         ("retention-global M=64", 512, 64, "at once"),

@@ -129,17 +129,20 @@ def test_the_benches_client_streams_what_a_plain_request_returns(server, hf_mode
         "meta_info"]["completion_tokens"] == 4
 
 
+def test_vanilla_server_reports_no_gate_stats(server, hf_model):
+    _, tokenizer = hf_model
+    out = generate(server, tokenizer("Hello")["input_ids"], 2)
+    assert "sglang_evict" not in out["meta_info"]
+
+
 SMALL_POOL = 128  # test_eviction_serving.py's pool
 QUEUED_SECONDS = 10  # far longer than a scheduler round, in which it would be admitted
 
 
 @pytest.fixture
-def small_vanilla_server():
-    """Vanilla SGLang on the eviction tests' pool, radix cache off as there (function scope:
-    only it and the session's server are alive)."""
-    from sglang_evict.server_process import ServerProcess
-
-    with ServerProcess(["--disable-radix-cache", "--max-total-tokens", str(SMALL_POOL)]) as srv:
+def small_vanilla_server(servers):
+    """Vanilla SGLang on the eviction tests' pool, radix cache off as there."""
+    with servers.held(["--disable-radix-cache", "--max-total-tokens", str(SMALL_POOL)]) as srv:
         yield srv
 
 

@@ -31,6 +31,23 @@ def test_store_writes_kv_scores_and_positions_into_the_new_head_slots():
     assert torch.all(cache.log_beta[slots] == -0.5)
 
 
+@pytest.mark.parametrize("policy", [None, "streaming"])
+def test_the_integrity_check_recomputes_each_rows_lists_from_the_virtual_map(policy):
+    """The debug check (--evict-debug-check) holds each active row's lists against the live
+    head-slots of its req_to_token row: swapping two rows of the map (equal lengths and live
+    counts, every list sound on its own) is caught; with eviction the lists have holes."""
+    cache = _cache(64, policy=policy)
+    sim = CacheSim(cache)
+    sim.step({0: 9, 1: 9}, log_beta=None)
+    if policy is not None:
+        assert int(cache.stats.evicted[:2].sum()) > 0
+    cache.check_integrity(sim.req_to_token)
+    swapped = sim.req_to_token.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    with pytest.raises(RuntimeError, match="row 0 layer 0: lists differ from the virtual map"):
+        cache.check_integrity(swapped)
+
+
 def test_no_eviction_keeps_everything_and_stats_count_it():
     cache = _cache(64, policy=None)
     sim = CacheSim(cache)
